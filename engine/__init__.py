@@ -1,0 +1,4 @@
+"""Tradeoff Lab's measuring engine: config -> worker process -> result -> store."""
+from .config import BenchConfig, ConfigError
+
+__all__ = ["BenchConfig", "ConfigError"]

@@ -1,0 +1,288 @@
+"""Built-in benchmark models and the user-model contract.
+
+Every model follows one contract: a builder returns ``(model, make_batch)`` where
+``make_batch(batch_size, device)`` returns a tuple and ``model(*batch)`` returns a scalar
+loss. Repeated blocks live in ``model.blocks`` (an ``nn.ModuleList``) so checkpointing
+policies can wrap them; a user model without that attribute is searched for its largest
+list of same-class modules.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MakeBatch = Callable[[int, torch.device], tuple]
+
+# Override keys and defaults per family; a preset only changes some of them.
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "gpt": {"seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12, "vocab": 50304},
+    "mlp": {"in_features": 1024, "width": 1024, "depth": 4, "num_classes": 10},
+    "cnn": {"image_size": 64, "channels": 3, "width": 64, "depth": 4, "num_classes": 10},
+}
+
+# GPT-2 family dimensions (Radford et al. 2019); vocab padded to a multiple of 64 as in
+# nanoGPT, which keeps the tied embedding matmul on fast kernels.
+PRESETS: dict[str, tuple[str, dict[str, int]]] = {
+    "gpt-tiny": ("gpt", {"seq_len": 128, "d_model": 192, "n_layers": 4, "n_heads": 6, "vocab": 8192}),
+    "gpt-small": ("gpt", {"d_model": 768, "n_layers": 12, "n_heads": 12}),
+    "gpt-medium": ("gpt", {"d_model": 1024, "n_layers": 24, "n_heads": 16}),
+    "gpt-large": ("gpt", {"d_model": 1280, "n_layers": 36, "n_heads": 20}),
+    "gpt-xl": ("gpt", {"d_model": 1600, "n_layers": 48, "n_heads": 25}),
+    "mlp": ("mlp", {}),
+    "cnn": ("cnn", {}),
+}
+
+
+def preset_dims(name: str, overrides: dict | None = None) -> tuple[str, dict[str, int]]:
+    """Family and full dimension dict of a preset with ``overrides`` applied."""
+    family, dims = PRESETS[name]
+    merged = {**FAMILY_DEFAULTS[family], **dims, **(overrides or {})}
+    return family, merged
+
+
+# ---------------------------------------------------------------- GPT (nanoGPT-style)
+@dataclass(frozen=True)
+class GPTDims:
+    seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab: int
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: GPTDims):
+        super().__init__()
+        self.n_heads = d.n_heads
+        self.qkv = nn.Linear(d.d_model, 3 * d.d_model)
+        self.proj = nn.Linear(d.d_model, d.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        # SDPA never materialises the (T, T) attention matrix on flash/mem-efficient kernels.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: GPTDims):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d.d_model)
+        self.attn = CausalSelfAttention(d)
+        self.ln_2 = nn.LayerNorm(d.d_model)
+        self.fc = nn.Linear(d.d_model, 4 * d.d_model)
+        self.fc_proj = nn.Linear(4 * d.d_model, d.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer, pre-LayerNorm, tied input/output embeddings."""
+
+    def __init__(self, d: GPTDims):
+        super().__init__()
+        self.dims = d
+        self.tokens_per_sample = d.seq_len
+        self.wte = nn.Embedding(d.vocab, d.d_model)
+        self.wpe = nn.Embedding(d.seq_len, d.d_model)
+        self.blocks = nn.ModuleList(GPTBlock(d) for _ in range(d.n_layers))
+        self.ln_f = nn.LayerNorm(d.d_model)
+        self.lm_head = nn.Linear(d.d_model, d.vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+
+
+def build_gpt(dims: dict[str, int]) -> tuple[nn.Module, MakeBatch]:
+    d = GPTDims(**dims)
+    model = GPT(d)
+
+    def make_batch(batch_size: int, device: torch.device) -> tuple:
+        idx = torch.randint(0, d.vocab, (batch_size, d.seq_len), device=device)
+        targets = torch.randint(0, d.vocab, (batch_size, d.seq_len), device=device)
+        return idx, targets
+
+    return model, make_batch
+
+
+# ---------------------------------------------------------------- MLP
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.fc(self.norm(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, width: int, depth: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, width)
+        for block in self.blocks:
+            h = block(h)
+        return F.cross_entropy(self.head(h), y)
+
+
+def build_mlp(dims: dict[str, int]) -> tuple[nn.Module, MakeBatch]:
+    model = MLP(dims["in_features"], dims["width"], dims["depth"], dims["num_classes"])
+
+    def make_batch(batch_size: int, device: torch.device) -> tuple:
+        x = torch.randn(batch_size, dims["in_features"], device=device)
+        y = torch.randint(0, dims["num_classes"], (batch_size,), device=device)
+        return x, y
+
+    return model, make_batch
+
+
+# ---------------------------------------------------------------- CNN (ResNet-style)
+class BasicBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(out)))
+
+
+class ResNetish(nn.Module):
+    def __init__(self, channels: int, width: int, depth: int, num_classes: int):
+        super().__init__()
+        # A stride-2 stem, then equal-width blocks: every block has the same shape, so
+        # checkpointing any subset of them is comparable.
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.blocks = nn.ModuleList(BasicBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)  # (B, width, H/2, W/2)
+        for block in self.blocks:
+            h = block(h)
+        return F.cross_entropy(self.head(h.mean(dim=(2, 3))), y)
+
+
+def build_cnn(dims: dict[str, int]) -> tuple[nn.Module, MakeBatch]:
+    model = ResNetish(dims["channels"], dims["width"], dims["depth"], dims["num_classes"])
+    size = dims["image_size"]
+
+    def make_batch(batch_size: int, device: torch.device) -> tuple:
+        x = torch.randn(batch_size, dims["channels"], size, size, device=device)
+        y = torch.randint(0, dims["num_classes"], (batch_size,), device=device)
+        return x, y
+
+    return model, make_batch
+
+
+_FAMILY_BUILDERS = {"gpt": build_gpt, "mlp": build_mlp, "cnn": build_cnn}
+
+
+# ---------------------------------------------------------------- user models
+def load_user_builder(spec: str) -> Callable[[], tuple]:
+    """Import ``module:function`` and return the function (raises ImportError/AttributeError)."""
+    module_name, _, func_name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name)
+    if not callable(func):
+        raise TypeError(f"{spec} is not callable")
+    return func
+
+
+def check_contract(built: object, spec: str) -> tuple[nn.Module, MakeBatch]:
+    """Return ``built`` if it is ``(nn.Module, callable)``; raise TypeError saying what it is."""
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise TypeError(f"{spec}() must return (model, make_batch), got {type(built).__name__}")
+    model, make_batch = built
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec}() returned {type(model).__name__} as model, expected torch.nn.Module")
+    if not callable(make_batch):
+        raise TypeError(f"{spec}() returned a non-callable make_batch ({type(make_batch).__name__})")
+    return model, make_batch
+
+
+def is_user_model(name: str) -> bool:
+    return ":" in name
+
+
+def build(model_name: str, overrides: dict | None = None) -> tuple[nn.Module, MakeBatch]:
+    """Build a preset (with overrides) or a user ``module:function`` model on the current device."""
+    if is_user_model(model_name):
+        return check_contract(load_user_builder(model_name)(), model_name)
+    family, dims = preset_dims(model_name, overrides)
+    return _FAMILY_BUILDERS[family](dims)
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's repeated blocks: ``model.blocks`` or its longest list of same-class modules."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+        return blocks
+    best = None
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    return best
+
+
+def tokens_per_sample(model: nn.Module) -> int | None:
+    """Tokens in one sample for sequence models (``model.tokens_per_sample``), else None."""
+    value = getattr(model, "tokens_per_sample", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameter elements (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def gpt_param_count(dims: dict[str, int]) -> int:
+    """Exact parameter count of ``GPT`` with these dims (tied head counted once)."""
+    C, L, V, T = dims["d_model"], dims["n_layers"], dims["vocab"], dims["seq_len"]
+    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * per_block + 2 * C
+
+
+__all__ = [
+    "PRESETS", "FAMILY_DEFAULTS", "preset_dims", "build", "find_blocks", "tokens_per_sample",
+    "count_params", "gpt_param_count", "load_user_builder", "check_contract", "is_user_model",
+]
