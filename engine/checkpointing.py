@@ -1,0 +1,173 @@
+"""Activation-checkpointing policies as strategy objects applied to a model's blocks.
+
+Every policy wraps some of ``models.find_blocks(model)`` in a ``CheckpointedBlock`` that runs
+the block under non-reentrant ``torch.utils.checkpoint`` (the reentrant variant is being
+deprecated, does not work with ``torch.autograd.grad`` and needs an input that requires
+grad; the non-reentrant one also stops recomputing as soon as backward has what it needs). The wrapped blocks keep
+their parameters in the same order, so gradients of differently checkpointed copies of one
+model can be compared parameter by parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, ContextManager, Iterator
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as torch_ckpt
+
+from . import models
+
+
+class CheckpointedBlock(nn.Module):
+    """Runs ``block`` under non-reentrant ``torch.utils.checkpoint``.
+
+    ``context_fn`` (optional) is torch's hook returning ``(forward_ctx, recompute_ctx)``;
+    selective checkpointing uses it to decide per operator what to save. While
+    ``observe_recompute`` is active, each recompute of the block also runs inside the
+    observer's context (entered before, i.e. underneath, the policy's own recompute
+    context, so an observer sees only the ops that really run again).
+    """
+
+    def __init__(self, block: nn.Module, context_fn: Callable | None = None):
+        super().__init__()
+        self.block = block
+        self.policy_context_fn = context_fn or torch_ckpt.noop_context_fn
+        self.recompute_observer: Callable[[], ContextManager] | None = None
+
+    def _context_fn(self):
+        forward_ctx, recompute_ctx = self.policy_context_fn()
+        if self.recompute_observer is None:
+            return forward_ctx, recompute_ctx
+        return forward_ctx, _nested(self.recompute_observer(), recompute_ctx)
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.block(*args, **kwargs)
+        return torch_ckpt.checkpoint(self.block, *args, use_reentrant=False, context_fn=self._context_fn, **kwargs)
+
+
+@contextlib.contextmanager
+def _nested(outer: ContextManager, inner: ContextManager) -> Iterator[None]:
+    with outer, inner:
+        yield
+
+
+@contextlib.contextmanager
+def observe_recompute(model: nn.Module, make_context: Callable[[], ContextManager]) -> Iterator[None]:
+    """While active, every recompute of a checkpointed block in ``model`` runs inside a fresh
+    ``make_context()`` (e.g. a FLOP counter for the recompute alone)."""
+    wrappers = [m for m in model.modules() if isinstance(m, CheckpointedBlock)]
+    for w in wrappers:
+        w.recompute_observer = make_context
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w.recompute_observer = None
+
+
+class CheckpointPolicy:
+    """Base policy: ``apply(model)`` wraps the blocks ``selects(i, n)`` picks; returns the model."""
+
+    name = "none"
+
+    def selects(self, index: int, count: int) -> bool:
+        """Whether block ``index`` of ``count`` is checkpointed."""
+        return False
+
+    def context_fn(self) -> Callable | None:
+        """``context_fn`` for ``torch.utils.checkpoint`` (None: save nothing inside the block)."""
+        return None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap the selected blocks of ``model`` in place; raises ValueError if it has no blocks."""
+        if self.name == "none":
+            return model
+        blocks = models.find_blocks(model)
+        if blocks is None:
+            raise ValueError(
+                f"checkpointing {self.name!r} needs repeated blocks: give the model a `blocks` "
+                "nn.ModuleList (or a list of same-class modules)"
+            )
+        for i in range(len(blocks)):
+            if self.selects(i, len(blocks)):
+                blocks[i] = CheckpointedBlock(blocks[i], self.context_fn())
+        return model
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NoCheckpoint(CheckpointPolicy):
+    """Keep every activation (the baseline)."""
+
+    name = "none"
+
+
+class EveryKCheckpoint(CheckpointPolicy):
+    """Checkpoint blocks 0, k, 2k, ... (``k == 1`` checkpoints every block: ``full``)."""
+
+    def __init__(self, k: int = 1):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.name = "full" if k == 1 else "every-k"
+
+    def selects(self, index: int, count: int) -> bool:
+        return index % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"EveryKCheckpoint(k={self.k})"
+
+
+# Megatron-style selective recomputation (Korthikanti et al. 2022, "Reducing Activation
+# Recomputation in Large Transformer Models", section 4.2): keep the outputs of the expensive
+# dense layers (linear-layer matmuls, convolutions) and recompute the rest of the block: the
+# attention core and the cheap pointwise ops (LayerNorm, GELU, residual adds) whose saved
+# inputs dominate activation memory relative to their compute. Recomputing the attention
+# core is what makes this policy cost (and count) extra FLOPs; bmm is left out of the save
+# list because outside the fused SDPA kernels it only appears inside attention.
+SAVED_OPS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten._scaled_mm.default,
+        torch.ops.aten.convolution.default,
+    }
+)
+
+
+def _save_matmul_outputs(ctx, op, *args, **kwargs):
+    if op in SAVED_OPS:
+        return torch_ckpt.CheckpointPolicy.MUST_SAVE
+    return torch_ckpt.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class SelectiveCheckpoint(CheckpointPolicy):
+    """Every block, saving matmul/convolution outputs and recomputing everything else."""
+
+    name = "selective"
+
+    def selects(self, index: int, count: int) -> bool:
+        return True
+
+    def context_fn(self) -> Callable:
+        # torch calls this on every forward, so each forward gets fresh caching contexts.
+        return functools.partial(torch_ckpt.create_selective_checkpoint_contexts, _save_matmul_outputs)
+
+
+def make_policy(ckpt: str, k: int = 2) -> CheckpointPolicy:
+    """The policy for a config's ``ckpt`` value (``none``, ``full``, ``every-k``, ``selective``)."""
+    if ckpt == "none":
+        return NoCheckpoint()
+    if ckpt == "full":
+        return EveryKCheckpoint(1)
+    if ckpt == "every-k":
+        return EveryKCheckpoint(k)
+    if ckpt == "selective":
+        if not hasattr(torch_ckpt, "create_selective_checkpoint_contexts"):
+            raise RuntimeError("selective checkpointing needs torch >= 2.4 (create_selective_checkpoint_contexts)")
+        return SelectiveCheckpoint()
+    raise ValueError(f"unknown checkpointing policy {ckpt!r}; allowed: none, full, every-k, selective")

@@ -1,0 +1,94 @@
+"""Where peak memory goes: params, grads, optimizer state, activations, other.
+
+The breakdown comes from ONE extra training step run under
+``torch.distributed._tools.mem_tracker.MemTracker``, after the timed steps, so its
+bookkeeping never slows a timed step.
+
+Why MemTracker: it is a ``TorchDispatchMode`` plus module and optimizer hooks that sees
+every tensor storage as it is created and freed (weak references), and classifies it by
+*role* at that moment: parameters and buffers by module registration, gradients through
+gradient hooks, optimizer state through optimizer step hooks, activations as everything
+produced in forward and in checkpoint recompute, and "temp" for backward-only tensors
+(activation gradients). A ``saved_tensors_hooks`` count sees only what autograd saves (not
+outputs still alive, autocast weight copies or backward temporaries), and a hand-written
+dispatch-mode counter would need the same role bookkeeping re-implemented; both would be
+less accurate. MemTracker works on CPU and CUDA and on CUDA rounds each storage to the
+caching allocator's 512-byte blocks. What it cannot see (cuBLAS workspaces and other
+allocator-level memory that is not a tensor) is added to ``other`` from
+``torch.cuda.max_memory_allocated`` of the same step, so on CUDA the five parts add up to
+the allocator's peak for the instrumented step.
+"""
+from __future__ import annotations
+
+import torch
+
+from .step import PhaseTimer
+
+BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
+
+# MemTracker role -> breakdown key. Buffers (e.g. BatchNorm statistics), backward-only
+# temporaries and external tensors (the input batches) are "other": "activations" is
+# what the forward pass keeps alive, the figure checkpointing and precision change.
+# "optimizer" is the optimizer state plus, when the peak falls inside optimizer.step, the
+# scratch tensors the step allocates (foreach AdamW needs about one params-sized buffer).
+_ROLE_TO_KEY = {
+    "Parameter": "params",
+    "Gradient": "grads",
+    "Optstate": "optimizer",
+    "Activation": "activations",
+    "Buffer": "other",
+    "Temp": "other",
+    "Other": "other",
+}
+
+
+class _ModuleStatsReset(PhaseTimer):
+    """Clears MemTracker's per-module statistics after each micro-batch's backward.
+
+    MemTracker refuses a second forward of the root module inside one tracking session
+    (it takes it for the next iteration); with gradient accumulation that second forward
+    is part of the same step. Only per-module statistics are cleared: the storage
+    bookkeeping and the peak snapshot this breakdown reads are kept.
+    """
+
+    def __init__(self, tracker):
+        self._tracker = tracker
+
+    def mark(self, phase: str) -> None:
+        if phase == "backward":
+            self._tracker.reset_mod_stats()
+
+
+def memory_breakdown(step) -> dict[str, int]:
+    """Bytes per role at the peak of one instrumented ``step.run()``.
+
+    Runs one real optimizer step (it updates the weights), so call it after timing.
+    The values sum to that step's peak: on CPU this is the run's ``peak_allocated_bytes``
+    (there is no allocator to ask); on CUDA it equals ``torch.cuda.max_memory_allocated``
+    over the step, whose peak statistics this resets.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    device = step.device
+    tracker = MemTracker()
+    # Tensors that exist before the step are invisible to the dispatch mode: register them.
+    batch_tensors = [t for batch in step.batches for t in batch if isinstance(t, torch.Tensor)]
+    tracker.track_external(step.model, step.optimizer, *batch_tensors)
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with tracker:
+        step.run(_ModuleStatsReset(tracker))
+    peak = tracker.get_tracker_snapshot("peak")
+    roles = next((snap for dev, snap in peak.items() if dev.type == device.type), {})
+    breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    for role, nbytes in roles.items():
+        key = _ROLE_TO_KEY.get(getattr(role, "value", role))
+        if key is not None:
+            breakdown[key] += int(nbytes)
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        untracked = torch.cuda.max_memory_allocated(device) - sum(breakdown.values())
+        breakdown["other"] += max(0, untracked)
+    return breakdown
