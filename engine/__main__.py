@@ -1,0 +1,7 @@
+"""``python -m engine``: the Tradeoff Lab command line (see engine/cli.py)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Sweeps: the cross product of value lists for config fields, run one config at a time."""
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from typing import Callable
+
+from .config import FIELD_NAMES, BenchConfig, ConfigError
+from .worker import Worker, run_isolated
+
+OVERRIDE_PREFIX = "overrides."
+
+
+def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None) -> tuple[list[BenchConfig], list[str]]:
+    """Configs for every combination of ``grid`` values on top of ``base``, and notes.
+
+    ``base`` holds single values of BenchConfig fields; ``grid`` maps a field (or
+    ``overrides.<dim>`` for one model dimension) to a list of values. With
+    ``effective_batch`` N, accum is N / batch for each batch and a batch that does not
+    divide N is skipped with a note. Raises ConfigError for an unknown field, an empty
+    list, or any invalid resulting config.
+    """
+    for name, values in grid.items():
+        field = name[len(OVERRIDE_PREFIX):] if name.startswith(OVERRIDE_PREFIX) else name
+        if not name.startswith(OVERRIDE_PREFIX) and field not in FIELD_NAMES:
+            raise ConfigError(name, values, f"a BenchConfig field: {', '.join(FIELD_NAMES)}")
+        if not field or not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(name, values, "a non-empty list of values")
+    if effective_batch is not None:
+        if isinstance(effective_batch, bool) or not isinstance(effective_batch, int) or effective_batch < 1:
+            raise ConfigError("effective_batch", effective_batch, "an integer >= 1")
+        if "accum" in grid or "accum" in base:
+            raise ConfigError("accum", grid.get("accum", base.get("accum")), "no accum with an effective batch (accum = effective batch / batch)")
+
+    configs: list[BenchConfig] = []
+    notes: list[str] = []
+    names = list(grid)
+    for combo in itertools.product(*(grid[name] for name in names)):
+        fields = dict(base)
+        overrides = dict(fields.get("overrides") or {})
+        for name, value in zip(names, combo):
+            if name.startswith(OVERRIDE_PREFIX):
+                overrides[name[len(OVERRIDE_PREFIX):]] = value
+            else:
+                fields[name] = value
+        if overrides:
+            fields["overrides"] = overrides
+        if effective_batch is not None:
+            batch = fields.get("batch", BenchConfig.batch)
+            if isinstance(batch, int) and batch >= 1 and effective_batch % batch:
+                note = f"batch {batch} skipped: does not divide effective batch {effective_batch}"
+                if note not in notes:
+                    notes.append(note)
+                continue
+            if isinstance(batch, int) and batch >= 1:
+                fields["accum"] = effective_batch // batch
+        configs.append(BenchConfig(**fields))
+    return configs, notes
+
+
+def run_sweep(
+    configs: list[BenchConfig],
+    progress: Callable[[dict], None] | None = None,
+    on_result: Callable[[dict], None] | None = None,
+    cancel: threading.Event | None = None,
+    worker: Worker | None = None,
+) -> list[dict]:
+    """Run ``configs`` in order in a warm worker; returns one result per config run.
+
+    Failures (oom, error, timeout) are results and the sweep goes on; a cancel stops it
+    after the cancelled config's result. All results share one new ``sweep_id``. Progress
+    events get ``index`` (1-based config number) and ``count`` (configs in the sweep)
+    added; their own ``total`` (steps in the phase) is kept. ``on_result`` sees each result
+    as it arrives (to store or print it).
+    """
+    sweep_id = uuid.uuid4().hex
+    results: list[dict] = []
+    count = len(configs)
+    for index, config in enumerate(configs, start=1):
+        forward = None
+        if progress is not None:
+            def forward(event: dict, index: int = index) -> None:
+                progress({**event, "index": index, "count": count})
+        if worker is None:
+            result = run_isolated(config, forward, cancel, sweep_id)
+        else:
+            result = worker.run(config, forward, cancel, sweep_id)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        if result["status"] == "cancelled":
+            break
+    return results

@@ -1,0 +1,150 @@
+"""``python -m engine``: bad input is one stderr line and exit 2; runs go through the worker."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine import cli
+from engine.config import FIELD_NAMES
+from engine.results import read_results, validate
+from engine.store import Store
+from tests.test_results import ok_result
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "gpt-tiny", "--set", "n_layers=2", "--set", "seq_len=32", "--set", "d_model=64",
+        "--set", "n_heads=2", "--set", "vocab=256", "--warmup", "1", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    # A private device queue, so these runs never wait behind other benchmarks here.
+    return {**os.environ, "TRADEOFF_LAB_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": ROOT}
+
+
+def _start(args, env):
+    return subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    good = json.dumps(ok_result())
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(good + "\nthis is not json\n")
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({**ok_result(), "schema": "tradeoff-lab/result/v0"}) + "\n")
+    not_db = tmp_path / "not.sqlite"
+    not_db.write_text("plain text, not SQLite\n" * 50)
+    return {"malformed": malformed, "old": old, "not_db": not_db}
+
+
+def test_bad_input_exits_2_with_one_stderr_line(env, bad_files):
+    cases = [
+        (["run", "--batch", "0"], "batch: invalid value 0"),
+        (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        ([], "the following arguments are required: COMMAND"),
+        (["show", str(bad_files["malformed"])], "malformed.jsonl: line 2: not valid JSON"),
+    ]
+    # Started together: each process spends most of its time importing torch.
+    procs = [(_start(args, env), args, phrase) for args, phrase in cases]
+    for proc, args, phrase in procs:
+        code, out, err = _finish(proc)
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (args, err)
+        assert phrase in err, (args, err)
+        assert out == ""
+
+
+BAD_INPUT = [
+    (["run", "--batch", "two"], "batch: invalid value 'two'; allowed: an integer"),
+    (["run", "--accum", "-1", "--device", "cpu"], "accum: invalid value -1"),
+    (["run", "--precision", "fp8", "--device", "cpu"], "precision: invalid value 'fp8'; allowed: fp32, fp16, bf16"),
+    (["run", "--ckpt", "most", "--device", "cpu"], "ckpt: invalid value 'most'"),
+    (["run", "--optimizer", "lion", "--device", "cpu"], "optimizer: invalid value 'lion'"),
+    (["run", "--device", "tpu"], "device: invalid value 'tpu'"),
+    (["run", "--model", "nosuch_mod:build", "--device", "cpu"], "ModuleNotFoundError"),
+    (["run", "--model", "tests.helper_models:returns_wrong_types", "--device", "cpu"], "model: invalid value"),
+    (["run", "--set", "seq_len", "--device", "cpu"], "--set: invalid value 'seq_len'; allowed: KEY=VALUE"),
+    (["run", "--set", "wings=2", "--device", "cpu"], "overrides.wings: invalid value 2"),
+    (["run", "--memory-cap-gib", "lots", "--device", "cpu"], "memory_cap_gib: invalid value 'lots'"),
+    (["run", "--timeout", "0", "--device", "cpu"], "timeout_s: invalid value 0.0"),
+    (["sweep", "--batch", "1,x", "--device", "cpu"], "batch: invalid value 'x'"),
+    (["sweep", "--batch", "3,5", "--effective-batch", "8", "--device", "cpu"],
+     "nothing to run: batch 3 skipped: does not divide effective batch 8; batch 5 skipped"),
+    (["sweep", "--accum", "1,2", "--effective-batch", "8", "--device", "cpu"], "accum: invalid value [1, 2]"),
+    (["sweep", "--effective-batch", "many", "--device", "cpu"], "effective_batch: invalid value 'many'"),
+    (["show", "/no/such/results.jsonl"], "/no/such/results.jsonl: No such file or directory"),
+    (["show", "{old}"], "old.jsonl: line 1: unsupported schema 'tradeoff-lab/result/v0'"),
+    (["run", "--device", "cpu", "--db", "{not_db}"], "not.sqlite: cannot open the results database"),
+]
+
+
+@pytest.mark.parametrize("args, phrase", BAD_INPUT)
+def test_more_bad_input_in_process(args, phrase, bad_files, capsys):
+    args = [arg.format(**bad_files) for arg in args]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and phrase in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_every_config_field_has_a_flag():
+    parser = cli.build_parser()
+    args = parser.parse_args(["run"])
+    assert set(FIELD_NAMES) <= set(vars(args))
+
+
+def test_run_stores_writes_and_prints_json(env, tmp_path):
+    out, db = tmp_path / "runs.jsonl", tmp_path / "runs.sqlite"
+    code, stdout, stderr = _finish(_start(["run", *TINY, "--batch", "2", "--json", "--out", str(out), "--db", str(db)], env))
+    assert code == 0, stderr
+    [line] = stdout.splitlines()  # only the result on stdout; progress went to stderr
+    result = validate(json.loads(line), "stdout")
+    assert result["status"] == "ok" and result["config"]["batch"] == 2
+    assert "measure" in stderr
+    assert read_results(out) == [result]
+    assert Store(db).get(result["id"]) == result
+
+
+def test_a_failed_run_is_a_result_with_exit_code_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+    assert cli.main(["run", "--model", "tests.helper_models:exits", "--device", "cpu", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"] == "worker died: exit code 3"
+
+
+def test_sweep_with_effective_batch_then_show(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+    out = tmp_path / "sweep.jsonl"
+    assert cli.main(["sweep", *TINY, "--batch", "1,3", "--effective-batch", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "note: batch 3 skipped: does not divide effective batch 2" in captured.err
+    [result] = read_results(out)
+    assert (result["config"]["batch"], result["config"]["accum"], result["status"]) == (1, 2, "ok")
+    assert result["id"][:8] in captured.out  # the closing table
+
+    assert cli.main(["show", str(out)]) == 0
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["id", "status", "model"]
+    assert row.split()[:3] == [result["id"][:8], "ok", "gpt-tiny"]
+
+
+def test_devices_says_what_is_there(capsys):
+    assert cli.main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "Benchmarks with --device auto run on:" in out
+    if "run on: cpu" in out:
+        assert "NVIDIA" in out  # says plainly why there is no GPU
+
+
+def test_show_empty_file(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    assert cli.main(["show", str(path)]) == 0
+    assert "no results" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""The v1 result schema: building, classifying, validating, reading and writing."""
+import json
+
+import pytest
+import torch
+
+from engine import BenchConfig
+from engine.results import (
+    METRIC_KEYS, SCHEMA, ResultFormatError, classify_exception, dumps_jsonl, new_result,
+    parse_results, read_results, validate, write_jsonl,
+)
+
+ENV = {"device_type": "cpu", "device_name": "test CPU", "capacity_bytes": 1, "torch": torch.__version__,
+       "cuda": None, "driver": None, "python": "3", "cpu": "test CPU"}
+SUMMARY = {"median": 10.0, "p10": 9.0, "p90": 11.0, "iqr_rel": 0.05}
+
+
+def ok_result(**config_fields):
+    config = BenchConfig(device="cpu", **config_fields)
+    metrics = {"step_ms": SUMMARY, "forward_ms": SUMMARY, "backward_ms": SUMMARY, "optimizer_ms": SUMMARY,
+               "samples_per_s": 800.0, "peak_allocated_bytes": 1234, "mfu": float("nan")}
+    samples = {phase: [9.0, 10.0, 11.0] for phase in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")}
+    return new_result(config, "ok", ENV, metrics=metrics, samples=samples, warnings=["noisy"], sweep_id="s1")
+
+
+def test_ok_result_has_every_metric_key_and_no_nan():
+    result = validate(ok_result(batch=4, accum=2), "test")
+    assert set(METRIC_KEYS) <= set(result["metrics"])
+    assert result["metrics"]["effective_batch"] == 8
+    assert result["metrics"]["mfu"] is None  # NaN is not JSON: stored as unknown
+    assert result["schema"] == SCHEMA and len(result["id"]) == 32
+    assert result["created_at"].endswith("+00:00")
+
+
+def test_failed_result_has_null_metrics_except_effective_batch():
+    config = BenchConfig(device="cpu", batch=3, accum=2)
+    result = new_result(config, "oom", ENV, metrics={"samples_per_s": 5.0}, samples={"step_ms": [1.0]}, error="boom")
+    validate(result, "test")
+    assert result["metrics"]["effective_batch"] == 6
+    assert all(value is None for key, value in result["metrics"].items() if key != "effective_batch")
+    assert result["samples"] is None
+
+
+def test_new_result_rejects_unknown_status():
+    with pytest.raises(ValueError, match="status"):
+        new_result(BenchConfig(device="cpu"), "exploded", ENV)
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    MemoryError(),
+    RuntimeError("CUDA out of memory"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    RuntimeError("std::bad_alloc"),
+])
+def test_oom_kinds_classify_as_oom(exc):
+    status, message = classify_exception(exc)
+    assert status == "oom"
+    assert message.startswith(type(exc).__name__)
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad shape"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"), KeyError("x")])
+def test_other_exceptions_classify_as_error(exc):
+    status, message = classify_exception(exc)
+    assert status == "error" and type(exc).__name__ in message
+
+
+def test_jsonl_round_trip(tmp_path):
+    results = [ok_result(batch=2), new_result(BenchConfig(device="cpu"), "timeout", ENV, error="timed out")]
+    path = tmp_path / "runs.jsonl"
+    write_jsonl(path, results[:1])
+    write_jsonl(path, results[1:])  # appends
+    assert read_results(path) == json.loads(json.dumps(results))
+    assert parse_results(dumps_jsonl(results), "text") == results
+    write_jsonl(path, results[:1], append=False)
+    assert len(read_results(path)) == 1
+
+
+def test_reader_accepts_a_json_list_and_one_pretty_object(tmp_path):
+    result = ok_result()
+    (tmp_path / "list.json").write_text(json.dumps([result, result]))
+    (tmp_path / "one.json").write_text(json.dumps(result, indent=2))
+    assert len(read_results(tmp_path / "list.json")) == 2
+    assert read_results(tmp_path / "one.json") == [result]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert read_results(tmp_path / "empty.jsonl") == []
+
+
+def test_wrong_schema_version_names_file_line_and_version(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps({**ok_result(), "schema": "tradeoff-lab/result/v0"}) + "\n")
+    with pytest.raises(ResultFormatError) as info:
+        read_results(path)
+    message = str(info.value)
+    assert str(path) in message and "line 1" in message and "v0" in message and SCHEMA in message
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ok_result()) + "\n{\"schema\": \n")
+    with pytest.raises(ResultFormatError, match=r"broken\.jsonl: line 2: not valid JSON"):
+        read_results(path)
+
+
+def test_not_utf8_is_a_format_error(tmp_path):
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ResultFormatError, match="not UTF-8"):
+        read_results(path)
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda r: r.pop("metrics"), "missing key"),
+    (lambda r: r.update(status="exploded"), "status 'exploded'"),
+    (lambda r: r["metrics"].pop("step_ms"), "metrics is missing step_ms"),
+    (lambda r: r["metrics"].update(step_ms=3.0), "metrics.step_ms must be an object"),
+    (lambda r: r["config"].pop("batch"), "config is missing batch"),
+    (lambda r: r.update(created_at="yesterday"), "not ISO-8601"),
+    (lambda r: r.update(status="oom", error="x"), "must have null metrics"),
+    (lambda r: r.update(status="error", error=None, metrics={k: None for k in METRIC_KEYS}), "needs an error message"),
+    (lambda r: r.update(warnings="noisy"), "warnings must be a list"),
+])
+def test_invalid_results_say_what_is_wrong(mutate, problem):
+    result = ok_result()
+    mutate(result)
+    with pytest.raises(ResultFormatError) as info:
+        validate(result, "runs.jsonl: line 7")
+    assert str(info.value).startswith("runs.jsonl: line 7: ")
+    assert problem in str(info.value)
+
+
+def test_non_object_line_is_rejected():
+    with pytest.raises(ResultFormatError, match="line 1: expected a result object, got int"):
+        parse_results("3\n", "numbers.jsonl")

@@ -1,0 +1,106 @@
+"""The SQLite results store: persistence, filters, duplicates, concurrency, speed."""
+import multiprocessing
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from engine import BenchConfig
+from engine.results import ResultFormatError, new_result
+from engine.store import Store, StoreError
+from tests.test_results import ENV, ok_result
+
+
+def _failed(model="mlp", sweep_id=None):
+    return new_result(BenchConfig(model=model, device="cpu"), "oom", ENV, error="out of memory", sweep_id=sweep_id)
+
+
+def test_add_get_list_and_survive_reopen(tmp_path):
+    path = tmp_path / "sub" / "runs.sqlite"  # parent directory is created
+    store = Store(path)
+    first, second = ok_result(batch=1), _failed()
+    assert store.add(first) is True
+    assert store.add(second) is True
+    assert store.add(first) is False  # same id: not stored twice
+    store.close()
+
+    reopened = Store(path)
+    assert reopened.count() == 2
+    assert reopened.get(first["id"]) == first
+    assert reopened.get("missing") is None
+    assert [r["id"] for r in reopened.list()] == [second["id"], first["id"]]  # newest first
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_filters_limit_delete_and_latest_sweep(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    a, b = ok_result(), ok_result()
+    a["sweep_id"] = b["sweep_id"] = "sweep-a"
+    c = _failed(model="mlp", sweep_id="sweep-b")
+    d = ok_result()
+    d["sweep_id"] = None
+    assert store.add_many([a, b, c, d, a]) == (4, 1)
+    assert {r["id"] for r in store.list(sweep_id="sweep-a")} == {a["id"], b["id"]}
+    assert [r["id"] for r in store.list(status="oom")] == [c["id"]]
+    assert [r["id"] for r in store.list(model="mlp")] == [c["id"]]
+    assert {r["id"] for r in store.list(ids=[a["id"], d["id"], "nope"])} == {a["id"], d["id"]}
+    assert store.list(ids=[]) == []
+    assert len(store.list(limit=2)) == 2
+    assert store.latest_sweep_id() == "sweep-b"
+    assert store.delete([c["id"], "nope"]) == 1
+    assert store.latest_sweep_id() == "sweep-a"
+    assert store.count() == 3
+
+
+def test_invalid_result_is_rejected_before_writing(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    bad = ok_result()
+    bad["schema"] = "something/else"
+    with pytest.raises(ResultFormatError, match="result 2 to store"):
+        store.add_many([ok_result(), bad])
+    assert store.count() == 0  # one transaction: nothing half-written
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not the runs you are looking for\n" * 100)
+    with pytest.raises(StoreError, match="notes.txt"):
+        Store(path)
+
+
+def _add_from_process(path, n):
+    store = Store(path)
+    for _ in range(n):
+        store.add(ok_result())
+
+
+def test_concurrent_threads_and_processes(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    Store(path)
+    ctx = multiprocessing.get_context("fork")  # forked writers start instantly (torch already imported)
+    procs = [ctx.Process(target=_add_from_process, args=(path, 25)) for _ in range(2)]
+    threads = [threading.Thread(target=_add_from_process, args=(path, 25)) for _ in range(3)]
+    for worker in (*procs, *threads):
+        worker.start()
+    for worker in (*procs, *threads):
+        worker.join()
+    assert all(p.exitcode == 0 for p in procs)
+    assert Store(path).count() == 125
+
+
+def test_listing_thousands_of_runs_stays_fast(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    template = ok_result()
+    results = []
+    for i in range(2000):
+        result = {**template, "id": f"{i:032x}", "created_at": f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}+00:00"}
+        results.append(result)
+    started = time.perf_counter()
+    assert store.add_many(results) == (2000, 0)
+    listed = store.list()
+    filtered = store.list(status="ok", limit=50)
+    elapsed = time.perf_counter() - started
+    assert len(listed) == 2000 and len(filtered) == 50
+    assert elapsed < 3.0, f"store took {elapsed:.2f} s for 2000 runs"

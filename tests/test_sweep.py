@@ -1,0 +1,69 @@
+"""Sweeps: expanding value lists into configs, and running them past failures."""
+import os
+
+import pytest
+
+from engine import ConfigError
+from engine.results import validate
+from engine.sweep import expand, run_sweep
+from engine.worker import shared_worker
+
+CPU = {"device": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def private_lock_dir(tmp_path, monkeypatch):
+    # Keeps these runs from queueing behind other benchmarks on this machine.
+    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+
+
+def test_cross_product_of_any_fields():
+    configs, notes = expand({**CPU, "model": "mlp", "steps": 2}, {"batch": [1, 2], "precision": ["fp32", "bf16"], "ckpt": ["none", "full", "every-k"]})
+    assert len(configs) == 12 and notes == []
+    assert {(c.batch, c.precision, c.ckpt) for c in configs} == {
+        (b, p, k) for b in (1, 2) for p in ("fp32", "bf16") for k in ("none", "full", "every-k")}
+    assert all(c.model == "mlp" and c.steps == 2 for c in configs)
+
+
+def test_model_dimension_lists_merge_into_overrides():
+    configs, _ = expand({**CPU, "overrides": {"n_layers": 2}}, {"overrides.seq_len": [32, 64]})
+    assert [c.overrides for c in configs] == [{"n_layers": 2, "seq_len": 32}, {"n_layers": 2, "seq_len": 64}]
+
+
+def test_effective_batch_sets_accum_and_skips_non_divisors():
+    configs, notes = expand(CPU, {"batch": [1, 2, 3, 4, 8, 16]}, effective_batch=8)
+    assert [(c.batch, c.accum) for c in configs] == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert all(c.effective_batch == 8 for c in configs)
+    assert notes == ["batch 3 skipped: does not divide effective batch 8",
+                     "batch 16 skipped: does not divide effective batch 8"]
+
+
+@pytest.mark.parametrize("base, grid, effective_batch, field", [
+    (CPU, {"batchsize": [1, 2]}, None, "batchsize"),
+    (CPU, {"batch": []}, None, "batch"),
+    (CPU, {"batch": [1, 0]}, None, "batch"),
+    (CPU, {"precision": ["fp32", "fp8"]}, None, "precision"),
+    (CPU, {"accum": [1, 2]}, 8, "accum"),
+    (CPU, {"batch": [1, 2]}, 0, "effective_batch"),
+])
+def test_bad_sweeps_name_the_field(base, grid, effective_batch, field):
+    with pytest.raises(ConfigError) as info:
+        expand(base, grid, effective_batch)
+    assert info.value.field == field
+
+
+def test_sweep_continues_past_oom_with_one_sweep_id():
+    configs, _ = expand({**CPU, "model": "tests.helper_models:oom_above_2", "warmup": 1, "steps": 2}, {"batch": [1, 4, 2]})
+    events, seen = [], []
+    results = run_sweep(configs, events.append, seen.append)
+    assert [r["status"] for r in results] == ["ok", "oom", "ok"]
+    assert seen == results
+    assert len({r["sweep_id"] for r in results}) == 1 and results[0]["sweep_id"]
+    assert "micro-batch 4 > 2" in results[1]["error"]
+    for r in results:
+        validate(r, "sweep")
+    assert {e["index"] for e in events} == {1, 2, 3} and {e["count"] for e in events} == {3}
+    assert all("total" in e for e in events if e["phase"] == "measure")  # the phase's own total is kept
+    # run_sweep without a worker uses the shared warm worker, which is still alive (the
+    # failed config's process was replaced by the last config's).
+    assert shared_worker("cpu").pid not in (None, os.getpid())
