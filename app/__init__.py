@@ -1,0 +1,1 @@
+"""Tradeoff Lab's Streamlit dashboard: pages, pure figure builders and storage glue."""

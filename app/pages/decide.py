@@ -1,0 +1,365 @@
+"""Decide page: from measurements to a configuration (engine/finder, predict, frontier,
+timeline, pitfall, numerics).
+
+The sidebar holds one configuration (initialised from the Run page's settings when they
+exist); each tab asks one question about it. Anything that measures runs in the engine's
+worker processes from a background thread, which the page polls, so the page stays
+responsive; runs it makes are stored like every other run.
+"""
+import threading
+from collections import Counter
+
+import pandas as pd
+import streamlit as st
+
+from app import charts, jobs, storage, ui
+from engine import finder, frontier, models, numerics, pitfall, predict, timeline
+from engine.config import (CKPT_POLICIES, GIB, OPTIMIZERS, PRECISIONS, BenchConfig, ConfigError, cuda_device_count,
+                           device_capacity_bytes, resolve_device)
+from engine.isolated import IsolatedRunError
+
+POLL_S = 0.5
+DEFAULTS = BenchConfig()
+FIELDS = ("model", "batch", "accum", "precision", "ckpt", "k", "optimizer", "warmup", "steps", "device", "timeout_s")
+PERSIST = {"persist_state": "session"}
+
+store = storage.get_store()
+
+
+class Task:
+    """One decision-tool call running in a daemon thread: ``fn(progress, cancel) -> value``.
+    The page reads ``event``/``done``/``value``/``error``; no Streamlit call in the thread."""
+
+    def __init__(self, fn):
+        self.cancel = threading.Event()
+        self.event: dict = {}
+        self.value = None
+        self.error: str | None = None
+        self.done = False
+        threading.Thread(target=self._run, args=(fn,), name="tradeoff-lab-decide", daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.value = fn(self._progress, self.cancel)
+        except IsolatedRunError as exc:
+            self.error = f"{exc.status.upper()}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - shown on the page instead of dying with the thread
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done = True
+
+    def _progress(self, event: dict) -> None:
+        self.event = dict(event)
+
+    def describe(self) -> str:
+        event = self.event
+        prefix = f"batch {event['batch']} (trial {event['trial']}): " if "trial" in event else ""
+        if event.get("phase") == "queued":
+            return prefix + f"waiting for the device (place {event.get('position')} in the queue)"
+        if "total" in event:
+            return prefix + f"{event.get('phase')}, step {event.get('step', 0)} of {event['total']}"
+        return prefix + (event.get("phase") or "running")
+
+
+def start(key: str, fn) -> None:
+    st.session_state[key] = Task(fn)
+
+
+def follow(key: str, label: str) -> Task | None:
+    """Progress and Cancel of the task under ``key`` while it runs, polled in a fragment that
+    reruns the page when the task ends; returns the task once it finished without error."""
+    task = st.session_state.get(key)
+    if task is None:
+        return None
+    shown = f"{key}.shown"
+    st.session_state[shown] = task.done  # this (full) run draws the finished task
+
+    @st.fragment(run_every=None if task.done else POLL_S)
+    def panel() -> None:
+        if task.done:
+            if not st.session_state[shown]:
+                st.rerun()
+            return
+        with st.status(f"{label}: {task.describe()}", state="running"):
+            st.caption("Runs in the engine's worker; the page stays usable.")
+        if st.button("Cancel", key=f"{key}.cancel", disabled=task.cancel.is_set()):
+            task.cancel.set()
+
+    panel()
+    if task.done and task.error:
+        st.error(task.error)
+    return task if task.done and task.error is None else None
+
+
+def follow_job(key: str) -> None:
+    """Progress of a ``jobs.BenchJob`` (runs for the prediction or the recommender); the page
+    reruns whenever a run of it is stored, so the answers above include it."""
+    job = st.session_state.get(key)
+    if job is None:
+        return
+    seen = f"{key}.seen"
+    st.session_state[seen] = job.snapshot().version
+
+    @st.fragment(run_every=None if job.snapshot().finished else POLL_S)
+    def panel() -> None:
+        state = job.snapshot()
+        if state.version != st.session_state[seen]:
+            st.rerun()
+        if state.finished:
+            st.caption(state.describe())
+            return
+        st.progress(state.fraction(), text=state.describe())
+        if st.button("Cancel", key=f"{key}.cancel", disabled=state.cancelling):
+            job.cancel()
+
+    panel()
+
+
+# ---------------------------------------------------------------- the configuration
+def sidebar_config() -> tuple[BenchConfig | None, float]:
+    """The configuration and the memory margin from the sidebar; the Run page's settings
+    are the defaults when that page was used in this session."""
+    for name in FIELDS:
+        st.session_state.setdefault(f"decide.{name}", st.session_state.get(f"run.{name}", getattr(DEFAULTS, name)))
+    with st.sidebar:
+        st.header("Configuration")
+        model = st.selectbox("Model", list(models.PRESETS), key="decide.model", **PERSIST)
+        overrides = {}
+        with st.expander("Model dimensions"):
+            for name, default in models.preset_dims(model)[1].items():
+                key = f"decide.dim.{model}.{name}"
+                st.session_state.setdefault(key, st.session_state.get(f"run.dim.{model}.{name}", default))
+                value = st.number_input(name, min_value=1, step=1, key=key, **PERSIST)
+                if value != default:
+                    overrides[name] = value
+        batch = st.number_input("Micro-batch size", min_value=1, step=1, key="decide.batch", **PERSIST)
+        accum = st.number_input("Accumulation steps", min_value=1, step=1, key="decide.accum", **PERSIST)
+        precision = st.selectbox("Precision", PRECISIONS, key="decide.precision", **PERSIST)
+        ckpt = st.selectbox("Activation checkpointing", CKPT_POLICIES, key="decide.ckpt", **PERSIST)
+        k = st.number_input("k (every k-th block)", min_value=1, step=1, key="decide.k", disabled=ckpt != "every-k", **PERSIST)
+        optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="decide.optimizer", **PERSIST)
+        warmup = st.number_input("Warm-up steps", min_value=0, step=1, key="decide.warmup", **PERSIST)
+        steps = st.number_input("Measured steps", min_value=1, step=1, key="decide.steps", **PERSIST)
+        devices = ["auto", "cpu", *(f"cuda:{i}" for i in range(cuda_device_count()))]
+        if st.session_state["decide.device"] not in devices:
+            st.session_state["decide.device"] = "auto"
+        device = st.selectbox("Device", devices, key="decide.device", **PERSIST)
+        timeout = st.number_input("Timeout per run (s)", min_value=1.0, step=30.0, key="decide.timeout_s", **PERSIST)
+        st.session_state.setdefault("decide.margin", predict.DEFAULT_MARGIN)
+        margin = st.number_input("Memory margin to keep free", min_value=0.0, max_value=0.5, step=0.01,
+                                 key="decide.margin", **PERSIST, help="Headroom for fragmentation and the CUDA context.")
+    try:
+        config = BenchConfig(model=model, overrides=overrides, batch=int(batch), accum=int(accum), precision=precision,
+                             ckpt=ckpt, k=int(k), optimizer=optimizer, warmup=int(warmup), steps=int(steps),
+                             device=device, timeout_s=float(timeout))
+    except ConfigError as exc:
+        st.error(f"Invalid setting: {exc}")
+        return None, margin
+    return config, float(margin)
+
+
+def gib(value) -> str:
+    return "–" if value is None else f"{value / GIB:,.3f} GiB" if value < 10 * GIB else f"{value / GIB:,.1f} GiB"
+
+
+def percent(fraction: float | None) -> float | None:
+    """A fraction as a percentage, so a table can show the small errors with decimals."""
+    return None if fraction is None else 100 * fraction
+
+
+# ---------------------------------------------------------------- tabs
+def find_batch_tab(config: BenchConfig, margin: float) -> None:
+    st.caption("Doubles the micro-batch until a run does not fit (out of memory, or over the margin), then "
+               "binary-searches; every trial is a real run in the worker and is stored.")
+    left, middle, right = st.columns(3)
+    max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key="decide.find.max")
+    limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key="decide.find.limit")
+    running = "decide.find" in st.session_state and not st.session_state["decide.find"].done
+    if right.button("Find batch size", type="primary", disabled=running):
+        start("decide.find", lambda progress, cancel: finder.find_batch(
+            config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit), progress=progress,
+            on_result=store.add, cancel=cancel))
+        st.rerun()
+    task = follow("decide.find", "Finding the batch size")
+    if task is None:
+        return
+    report = task.value
+    columns = st.columns(3)
+    largest = report["max_batch"]
+    columns[0].metric("Largest micro-batch that fits", "none" if largest is None else
+                      f"{largest}" if report["exact"] else f"≥ {largest}")
+    columns[1].metric("Fastest micro-batch tried", report["best_batch"] or "–")
+    columns[2].metric("Memory budget", gib(report["budget_bytes"]), help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
+    if report["stopped"]:
+        st.warning(f"Stopped early: {report['stopped']}")
+    ui.show_chart(charts.build_finder_trials(report), key="decide.find.chart")
+    st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
+
+
+def predict_tab(config: BenchConfig, margin: float) -> None:
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    points = [(b, p) for b, p, _ in predict.measured_points(store.list(model=config.model), config, device_type)]
+    left, middle, right = st.columns(3)
+    typed = left.text_input("GPU sizes to predict for (GiB)", value="24, 40, 80, 141", key="decide.predict.gib")
+    batches = middle.text_input("Batches to measure", value="1, 2, 4", key="decide.predict.batches")
+    try:
+        sizes = [float(x) for x in typed.split(",") if x.strip()]
+        wanted = [int(x) for x in batches.split(",") if x.strip()]
+        targets = predict.capacities(sizes, device_capacity_bytes(device), device_type)
+        configs = [config.replace(batch=b) for b in wanted if b not in {p[0] for p in points}]
+    except (ValueError, ConfigError) as exc:
+        st.error(f"Invalid input: {exc}")
+        return
+    running = "decide.predict.job" in st.session_state and not st.session_state["decide.predict.job"].snapshot().finished
+    if right.button("Measure these batches", disabled=running or not configs,
+                    help="Runs the batches not measured yet for this configuration on this device."):
+        st.session_state["decide.predict.job"] = jobs.BenchJob(configs, store, as_sweep=True).start()
+        st.rerun()
+    follow_job("decide.predict.job")
+    report = predict.report(points, config, targets, margin)
+    if report["fit"] is None:
+        st.info(f"{len(points)} measured batch size(s) of this configuration on {device_type}: the fit needs two. "
+                "Measure some batches (ok runs are used; the analytic estimate needs none).")
+    else:
+        fit = report["fit"]
+        st.markdown(f"**Fit:** peak ≈ {gib(fit['fixed_bytes'])} + {gib(fit['slope_bytes'])} × batch")
+    ui.show_chart(charts.build_memory_prediction(report), key="decide.predict.chart")
+    if report["comparison"]:
+        st.markdown("**Measured vs fitted vs analytic** (error = estimate / measured − 1)")
+        st.dataframe(pd.DataFrame([{
+            "batch": r["batch"], "measured": gib(r["measured_bytes"]), "fitted": gib(r["fitted_bytes"]),
+            "fitted error %": percent(r["fitted_error"]), "analytic": gib(r["analytic_bytes"]),
+            "analytic error %": percent(r["analytic_error"]),
+        } for r in report["comparison"]]), hide_index=True, column_config={
+            "fitted error %": st.column_config.NumberColumn(format="%+.2f %%"),
+            "analytic error %": st.column_config.NumberColumn(format="%+.2f %%")})
+    st.markdown(f"**Largest micro-batch with {margin:.0%} left free**")
+    st.dataframe(pd.DataFrame(report["capacities"]).drop(columns=["capacity_bytes"]), hide_index=True)
+    if report["analytic"]:
+        with st.expander("Analytic estimate at this batch"):
+            a = report["analytic"]
+            st.dataframe(pd.DataFrame([{"part": k, "size": gib(a[k])} for k in
+                                       ("params", "grads", "optimizer", "inputs", "activations", "transient", "peak")]),
+                         hide_index=True)
+            for note in a["notes"]:
+                st.caption(note)
+
+
+def recommend_tab(config: BenchConfig) -> None:
+    runs = store.list()
+    groups = frontier.groups(runs)
+    if not groups:
+        st.info("No stored runs yet: run a sweep (Run page) or load the demo data (Results page).")
+        return
+    options = sorted(groups, key=lambda g: (g[0] != config.model, -groups[g]))
+    left, middle, right = st.columns(3)
+    group = left.selectbox("Model and device", options, key="decide.rec.group",
+                           format_func=lambda g: f"{g[0]} on {g[1]} ({groups[g]} runs)")
+    selected = [r for r in runs if (frontier.model_label(r["config"]), frontier.device_label(r)) == group]
+    batches = Counter(r["metrics"]["effective_batch"] for r in frontier.measured(selected))
+    effective = middle.number_input("Effective batch", min_value=1, step=1, key="decide.rec.effective",
+                                    value=batches.most_common(1)[0][0] if batches else 8)
+    capacity = frontier.capacity_bytes(selected[0]) or 80 * GIB
+    budget = right.number_input("Memory budget (GiB)", min_value=0.001, value=round(capacity / GIB, 3), step=1.0,
+                                format="%.3f", key="decide.rec.budget")
+    answer = frontier.recommend(selected, int(effective), float(budget))
+    (st.success if answer["fits"] else st.warning)(answer["answer"])
+    only_batch = st.toggle("Chart only runs at this effective batch", value=False, key="decide.rec.only")
+    shown = [r for r in selected if r["metrics"].get("effective_batch") == effective] if only_batch else selected
+    ui.show_chart(charts.build_frontier(shown, answer), key="decide.rec.chart")
+    try:
+        missing = frontier.missing_candidates(selected, int(effective), float(budget))
+    except ConfigError as exc:
+        st.caption(f"Missing candidates cannot be measured on this machine: {exc}")
+        return
+    running = "decide.rec.job" in st.session_state and not st.session_state["decide.rec.job"].snapshot().finished
+    st.caption(f"{len(missing)} candidate(s) at effective batch {effective} never measured"
+               + (": " + "; ".join(frontier.config_words(c.to_dict()) for c in missing) if missing else "."))
+    if st.button("Measure missing candidates", disabled=running or not missing,
+                 help="Runs the configurations the answer depends on that were never measured."):
+        st.session_state["decide.rec.job"] = jobs.BenchJob(missing, store, as_sweep=True).start()
+        st.rerun()
+    follow_job("decide.rec.job")
+
+
+OVERLAYS = {"nothing": {}, **{f"checkpointing {c}": {"ckpt": c} for c in CKPT_POLICIES},
+            **{f"precision {p}": {"precision": p} for p in PRECISIONS}}
+
+
+def timeline_tab(config: BenchConfig) -> None:
+    left, right = st.columns(2)
+    default = "checkpointing full" if config.ckpt != "full" else "checkpointing none"
+    overlay = left.selectbox("Overlay a second configuration", list(OVERLAYS), index=list(OVERLAYS).index(default),
+                             key="decide.timeline.overlay")
+    configs = [config] + ([config.replace(**OVERLAYS[overlay])] if OVERLAYS[overlay] else [])
+    running = "decide.timeline" in st.session_state and not st.session_state["decide.timeline"].done
+    if right.button("Record timeline", type="primary", disabled=running):
+        start("decide.timeline", lambda progress, cancel: timeline.timelines(configs, cancel=cancel))
+        st.rerun()
+    task = follow("decide.timeline", "Recording one step")
+    if task is None:
+        return
+    records = task.value
+    ui.show_chart(charts.build_memory_timeline(records), key="decide.timeline.chart")
+    for record in records:
+        st.caption(f"{frontier.config_words(record['config'])}: peak {gib(record['peak_bytes'])} in "
+                   f"{record['peak_phase']}; {gib(record['baseline_bytes'])} before the step. {record['source']}.")
+
+
+def pitfall_tab(config: BenchConfig) -> None:
+    st.caption("The same step timed two ways: wall clock around each phase without synchronisation, and the "
+               "correct timer (CUDA events, one synchronisation per step).")
+    running = "decide.pitfall" in st.session_state and not st.session_state["decide.pitfall"].done
+    if st.button("Time one step both ways", type="primary", disabled=running):
+        start("decide.pitfall", lambda progress, cancel: pitfall.pitfall(config, cancel=cancel))
+        st.rerun()
+    task = follow("decide.pitfall", "Timing")
+    if task is None:
+        return
+    report = task.value
+    ui.show_chart(charts.build_pitfall(report), key="decide.pitfall.chart")
+    (st.warning if report["asynchronous"] else st.info)(report["message"])
+
+
+def numerics_tab(config: BenchConfig) -> None:
+    runs = [r for r in store.list(model=config.model) if r["status"] == "ok"]
+    if not runs:
+        st.info(f"No ok runs of {config.model} stored yet.")
+        return
+    st.caption("The price of each saving: ‖g − g_ref‖/‖g_ref‖ of the first step against the fp32, no-checkpointing "
+               "run of the same seed, beside the speed-up and memory saving against a measured fp32 run "
+               "(same batch and accumulation), fp16 loss scale, skipped steps and energy (where NVML reports it).")
+    rows = numerics.cost_rows(runs)
+    if any(r["grad_rel_diff"] is not None for r in rows):
+        ui.show_chart(charts.build_numerical_cost(runs), key="decide.numerics.chart")
+    else:
+        st.info("None of these runs has a gradient difference (runs recorded before the engine measured it).")
+    st.dataframe(pd.DataFrame([{
+        "config": frontier.config_words(r["config"]), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
+        "peak": gib(r["peak_allocated_bytes"]), "memory saved %": percent(r["memory_saving"]), "grad_rel_diff": r["grad_rel_diff"],
+        "loss scale": r["loss_scale"], "skipped steps": r["skipped_steps"], "J/sample": r["energy_j_per_sample"],
+    } for r in rows]), hide_index=True, column_config={
+        "speed-up": st.column_config.NumberColumn(format="%.2f×"),
+        "memory saved %": st.column_config.NumberColumn(format="%+.1f %%"),
+        "grad_rel_diff": st.column_config.NumberColumn(format="%.2e")})
+
+
+# ---------------------------------------------------------------- page
+st.title("Decide")
+config, margin = sidebar_config()
+if config is None:
+    st.stop()
+tabs = st.tabs(["Find batch size", "Predict memory", "Recommend", "Memory timeline", "Timing pitfall", "Numerical cost"])
+with tabs[0]:
+    find_batch_tab(config, margin)
+with tabs[1]:
+    predict_tab(config, margin)
+with tabs[2]:
+    recommend_tab(config)
+with tabs[3]:
+    timeline_tab(config)
+with tabs[4]:
+    pitfall_tab(config)
+with tabs[5]:
+    numerics_tab(config)

@@ -1,0 +1,118 @@
+"""Pure table builders: results -> pandas DataFrames for st.dataframe, CSV export and diffs."""
+from __future__ import annotations
+
+import pandas as pd
+
+from engine.config import GIB
+
+from .charts import device_name, field_value
+
+# Column name -> how to read it from a result; units live in the names, as in the schema.
+_COLUMNS = {
+    "created": lambda r: pd.Timestamp(r["created_at"]),
+    "status": lambda r: r["status"],
+    "model": lambda r: r["config"]["model"],
+    "batch": lambda r: r["config"]["batch"],
+    "accum": lambda r: r["config"]["accum"],
+    "effective batch": lambda r: field_value(r, "effective_batch"),
+    "precision": lambda r: r["config"]["precision"],
+    "ckpt": lambda r: field_value(r, "ckpt"),
+    "optimizer": lambda r: r["config"]["optimizer"],
+    "device": device_name,
+    "samples/s": lambda r: r["metrics"]["samples_per_s"],
+    "tokens/s": lambda r: r["metrics"]["tokens_per_s"],
+    "step ms": lambda r: _median(r, "step_ms"),
+    "forward ms": lambda r: _median(r, "forward_ms"),
+    "backward ms": lambda r: _median(r, "backward_ms"),
+    "optimizer ms": lambda r: _median(r, "optimizer_ms"),
+    "step noise %": lambda r: _percent((r["metrics"]["step_ms"] or {}).get("iqr_rel")),
+    "peak GiB": lambda r: _gib(r["metrics"]["peak_allocated_bytes"]),
+    "MFU %": lambda r: _percent(r["metrics"]["mfu"]),
+    "sweep": lambda r: (r.get("sweep_id") or "")[:8],
+    "error": lambda r: r["error"] or "",
+    "id": lambda r: r["id"],
+}
+RUN_COLUMNS = tuple(_COLUMNS)
+
+
+def _median(result: dict, key: str) -> float | None:
+    summary = result["metrics"][key]
+    return None if summary is None else summary["median"]
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / GIB
+
+
+METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms", "optimizer ms", "step noise %",
+                  "peak GiB", "MFU %")
+
+
+def runs_frame(results: list[dict]) -> pd.DataFrame:
+    """One row per run with status, config and key metrics; failed runs' metrics are empty (NaN)."""
+    frame = pd.DataFrame([{name: read(r) for name, read in _COLUMNS.items()} for r in results], columns=RUN_COLUMNS)
+    # Numbers stay numbers (sortable, NaN where unknown) even in a column that is all unknown.
+    return frame.astype({name: "float64" for name in METRIC_COLUMNS})
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """Nested dicts to dotted keys: {"step_ms": {"median": 1}} -> {"step_ms.median": 1}."""
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+        return flat
+    return {prefix: value}
+
+
+def diff_runs(a: dict, b: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What changed from run ``a`` to run ``b``: (config and environment changes, metrics).
+
+    The metrics table lists every numeric metric with both values and the relative change
+    (b / a - 1), empty where a value is missing or ``a`` is zero.
+    """
+    settings_a = {**_flatten(a["config"], "config"), **_flatten(a.get("env") or {}, "env")}
+    settings_b = {**_flatten(b["config"], "config"), **_flatten(b.get("env") or {}, "env")}
+    changes = [
+        {"setting": key, "A": str(settings_a.get(key)), "B": str(settings_b.get(key))}
+        for key in sorted(set(settings_a) | set(settings_b))
+        if settings_a.get(key) != settings_b.get(key)
+    ]
+    metrics_a, metrics_b = _flatten(a["metrics"]), _flatten(b["metrics"])
+    rows = []
+    for key in list(metrics_a) + [k for k in metrics_b if k not in metrics_a]:
+        va, vb = metrics_a.get(key), metrics_b.get(key)
+        numeric = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (va, vb))
+        if not numeric or (va is None and vb is None):
+            continue
+        change = vb / va - 1 if va and vb is not None else None
+        rows.append({"metric": key, "A": va, "B": vb, "change %": None if change is None else 100 * change})
+    return (pd.DataFrame(changes, columns=["setting", "A", "B"]),
+            pd.DataFrame(rows, columns=["metric", "A", "B", "change %"]))
+
+
+def queue_frame(configs: list[dict], results: list[dict], finished: bool, waiting_for_device: bool = False) -> pd.DataFrame:
+    """A sweep's queue: one row per config with the fields that vary, its state and, once
+    done, its status and key numbers. Configs run in order, so the first ``len(results)``
+    are done and the next one is running (or waiting for the device)."""
+    flat = [_flatten(c) for c in configs]
+    varying = [k for k in flat[0] if len({repr(f.get(k)) for f in flat}) > 1] if len(flat) > 1 else []
+    rows = []
+    for i, fields in enumerate(flat):
+        row = {"#": i + 1, **{k.removeprefix("overrides."): fields.get(k) for k in varying}}
+        if i < len(results):
+            result = results[i]
+            row.update(state="done", status=result["status"], **{
+                "samples/s": result["metrics"]["samples_per_s"],
+                "peak GiB": _gib(result["metrics"]["peak_allocated_bytes"])})
+        elif i == len(results) and not finished:
+            row["state"] = "waiting for the device" if waiting_for_device else "running"
+        else:
+            row["state"] = "not run" if finished else "waiting"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["#", *(k.removeprefix("overrides.") for k in varying), "state", "status",
+                                       "samples/s", "peak GiB"])

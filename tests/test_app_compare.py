@@ -1,0 +1,53 @@
+"""Compare page: the latest sweep by default, failed runs as placeholders, environments, diff."""
+from tests.app_fixtures import H100_ENV, app_db, chart, chart_titles, make_result, make_sweep, open_app  # noqa: F401
+
+MAIN_CHARTS = ["Throughput", "Peak memory", "Backward time"]
+
+
+def test_compare_without_runs_says_what_to_do(app_db):
+    at = open_app("pages/compare.py")
+    assert "No runs stored yet" in at.info[0].value
+
+
+def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
+    app_db.add_many(make_sweep("older", batches=(1, 2)))
+    latest = make_sweep("latest", batches=(1, 2, 4), oom_batch=4)
+    app_db.add_many(latest)
+    at = open_app("pages/compare.py")
+    assert at.selectbox(key="compare.source").value == "latest"
+    assert chart_titles(at)[:5] == MAIN_CHARTS + ["Phase breakdown", "Memory breakdown"]
+    assert "Throughput vs batch" in chart_titles(at)
+    for title in MAIN_CHARTS:
+        figure = chart(at, title)
+        assert sum(len(t["x"]) for t in figure["data"] if t["type"] == "bar") == 4  # the ok runs
+        [failed] = [t for t in figure["data"] if t["name"] == "failed runs"]
+        assert failed["x"] == ["b4 · fp32", "b4 · bf16"]
+        assert [a["text"] for a in figure["layout"]["annotations"] if a.get("textangle") == -90] == ["OOM", "OOM"]
+    assert "2 run(s) did not finish" in at.expander[0].label and "OOM" in at.expander[0].label
+    assert "Measured on: Test CPU" in [c.value for c in at.caption]
+
+
+def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
+    laptop, h100 = make_result(batch=8), make_result(env=H100_ENV, batch=64, precision="bf16")
+    app_db.add_many([laptop, h100])
+    at = open_app("pages/compare.py")
+    assert at.selectbox(key="compare.source").value == "Hand-picked runs"  # no sweep stored
+    assert "2 different devices" in at.warning[0].value and "NVIDIA H100 80GB HBM3" in at.warning[0].value
+    legend = sorted(t["name"] for t in chart(at, "Throughput")["data"])
+    assert legend == ["NVIDIA H100 80GB HBM3", "Test CPU"]
+    changes, metrics = at.dataframe[-2].value, at.dataframe[-1].value
+    changed = dict(zip(changes["setting"], zip(changes["A"], changes["B"])))
+    assert changed["config.batch"] == ("8", "64") and changed["env.device_name"] == ("Test CPU", "NVIDIA H100 80GB HBM3")
+    row = metrics[metrics["metric"] == "effective_batch"].iloc[0]
+    assert row["change %"] == 700.0
+
+
+def test_runs_chosen_on_the_results_page_open_here(app_db):
+    runs = make_sweep("s", batches=(1, 2, 4))
+    app_db.add_many(runs)
+    at = open_app("pages/compare.py")
+    at.session_state["compare.ids"] = [runs[0]["id"], runs[2]["id"]]
+    at.run()
+    assert at.selectbox(key="compare.source").value == "Hand-picked runs"
+    assert at.multiselect(key="compare.runs").value == [runs[0]["id"], runs[2]["id"]]
+    assert sum(len(t["x"]) for t in chart(at, "Throughput")["data"]) == 2

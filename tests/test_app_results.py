@@ -1,0 +1,89 @@
+"""Results page: the table, import (good, corrupt, wrong version, duplicates), demo data, exports."""
+import html as html_text
+import json
+import re
+
+from app import exports, storage
+from engine.results import dumps_jsonl, parse_results
+from tests.app_fixtures import app_db, click, make_sweep, open_app  # noqa: F401 - app_db is a fixture
+
+JSONL = "application/jsonl"
+
+
+def upload(at, *files):
+    """Put (name, bytes) files into the import widget and rerun."""
+    at.file_uploader(key="results.upload").set_value([(name, data, JSONL) for name, data in files])
+    return at.run()
+
+
+def messages(at) -> tuple[list[str], list[str]]:
+    return [s.value for s in at.success], [e.value for e in at.error]
+
+
+def test_results_page_lists_runs_with_status_and_key_metrics(app_db):
+    app_db.add_many(make_sweep(batches=(1, 2), oom_batch=2))
+    at = open_app("pages/results.py")
+    table = at.dataframe[0].value
+    assert len(table) == 4
+    assert {"status", "model", "device", "tokens/s", "peak GiB", "backward ms"} <= set(table.columns)
+    assert sorted(table["status"]) == ["ok", "ok", "oom", "oom"]
+    at.multiselect(key="results.status").set_value(["oom"]).run()
+    assert list(at.dataframe[0].value["status"]) == ["oom", "oom"]
+
+
+def test_import_a_good_bundle_then_again_counts_duplicates(app_db):
+    bundle = dumps_jsonl(make_sweep(batches=(1, 2, 4), precisions=("fp32",))).encode()
+    at = upload(open_app("pages/results.py"), ("team.jsonl", bundle))
+    assert messages(at) == (["team.jsonl: imported 3 run(s), skipped 0 already stored (same id)."], [])
+    assert app_db.count() == 3 and len(at.dataframe[0].value) == 3
+    at = upload(at, ("team-copy.jsonl", bundle))
+    assert messages(at) == (["team-copy.jsonl: imported 0 run(s), skipped 3 already stored (same id)."], [])
+    assert app_db.count() == 3
+
+
+def test_a_corrupt_file_imports_nothing_and_says_why(app_db):
+    good = dumps_jsonl(make_sweep(batches=(1,), precisions=("fp32",)))
+    corrupt = (good + '{"schema": "tradeoff-lab/result/v1", "id": \n').encode()  # a valid line, then a broken one
+    at = upload(open_app("pages/results.py"), ("broken.jsonl", corrupt), ("binary.json", b"\xff\xfe\x00junk"))
+    successes, errors = messages(at)
+    assert not successes and len(errors) == 2
+    assert errors[0].startswith("broken.jsonl: line 2: not valid JSON") and "nothing from broken.jsonl was imported" in errors[0]
+    assert "binary.json: not UTF-8" in errors[1]
+    assert app_db.count() == 0
+    assert not at.exception
+
+
+def test_a_wrong_version_bundle_imports_nothing(app_db):
+    results = make_sweep(batches=(1, 2), precisions=("fp32",))
+    lines = [json.dumps(r) for r in results]
+    lines[1] = json.dumps({**results[1], "schema": "tradeoff-lab/result/v2"})
+    at = upload(open_app("pages/results.py"), ("future.jsonl", "\n".join(lines).encode()))
+    [error] = messages(at)[1]
+    assert "future.jsonl: line 2: unsupported schema 'tradeoff-lab/result/v2'" in error
+    assert app_db.count() == 0
+
+
+def test_load_demo_data_puts_real_recorded_runs_in_the_store(app_db):
+    demo = [r for path in sorted(storage.DEMO_DIR.glob("*.jsonl")) for r in parse_results(path.read_text(), path.name)]
+    assert demo and all(r["env"]["device_type"] == "cpu" for r in demo)  # labelled with where they ran
+    at = click(open_app("pages/results.py"), "Load demo data")
+    assert app_db.count() == len(demo)
+    assert "imported" in messages(at)[0][0]
+    click(at, "Load demo data")
+    assert app_db.count() == len(demo)  # a second load skips every run
+
+
+def test_exports_round_trip_and_the_report_is_standalone():
+    results = make_sweep(batches=(1, 2), oom_batch=2)
+    assert parse_results(exports.bundle_bytes(results).decode(), "bundle") == results
+    csv = exports.csv_bytes(results).decode().splitlines()
+    assert csv[0].startswith("created,status,model,batch") and len(csv) == 5
+    html = exports.report_html(results)
+    assert html.startswith("<!DOCTYPE html>")
+    # Offline: plotly.js is inlined, nothing is fetched from a CDN.
+    assert not re.search(r"<script[^>]+src=", html) and "plotly.js v" in html.lower()
+    for title in ("Throughput", "Peak memory", "Backward time", "Phase breakdown", "Memory breakdown"):
+        assert f'"text":"{title}"' in html
+    assert results[0]["env"]["device_name"] in html and "OOM" in html
+    embedded = re.search(r"<pre>(.*?)</pre>", html, re.S).group(1)
+    assert parse_results(html_text.unescape(embedded), "report") == results

@@ -1,0 +1,148 @@
+"""The dashboard's figure builders, checked as pure functions on ``fig.to_dict()``."""
+import pytest
+
+from app import charts
+from engine.config import GIB
+from tests.app_fixtures import CPU_ENV, H100_ENV, make_result, make_sweep
+
+
+def _bars(fig_dict: dict) -> list[dict]:
+    return [t for t in fig_dict["data"] if t["type"] == "bar"]
+
+
+def _failed(fig_dict: dict) -> dict:
+    [trace] = [t for t in fig_dict["data"] if t.get("name") == charts.FAILED_NAME]
+    return trace
+
+
+def _statuses(fig_dict: dict) -> list[tuple]:
+    """(x, status) written upright above each failed run of a per-run chart."""
+    return [(a["x"], a["text"]) for a in fig_dict["layout"].get("annotations", []) if a.get("textangle") == -90]
+
+
+@pytest.mark.parametrize("build, title, unit", [
+    (charts.build_throughput, "Throughput", "tokens/s"),
+    (charts.build_peak_memory, "Peak memory", "GiB"),
+    (charts.build_backward_time, "Backward time", "ms"),
+])
+def test_three_charts_have_titles_units_one_bar_per_run_and_oom_placeholders(build, title, unit):
+    results = make_sweep(batches=(1, 2, 4), precisions=("fp32", "bf16"), oom_batch=4)
+    fig = build(results).to_dict()
+    assert fig["layout"]["title"]["text"] == title
+    assert fig["layout"]["yaxis"]["title"]["text"] == unit
+    labels = charts.run_labels(results)
+    ok_labels = [label for label, r in zip(labels, results) if r["status"] == "ok"]
+    assert sorted(x for bar in _bars(fig) for x in bar["x"]) == sorted(ok_labels)  # one bar per ok run
+    failed = _failed(fig)
+    assert failed["x"] == ["b4 · fp32", "b4 · bf16"] and failed["y"] == [0, 0]
+    assert _statuses(fig) == [("b4 · fp32", "OOM"), ("b4 · bf16", "OOM")]
+    assert fig["layout"]["xaxis"]["categoryarray"] == labels  # every run keeps its place, failed ones too
+
+
+def test_error_bars_come_from_p10_and_p90():
+    result = make_result(batch=2)
+    step = result["metrics"]["step_ms"]
+    [bar] = _bars(charts.build_backward_time([result]).to_dict())
+    backward = result["metrics"]["backward_ms"]
+    assert bar["error_y"]["array"][0] == pytest.approx(backward["p90"] - backward["median"])
+    assert bar["error_y"]["arrayminus"][0] == pytest.approx(backward["median"] - backward["p10"])
+    # Throughput is the inverse of step time: the slow (p90) step gives the low end.
+    [bar] = _bars(charts.build_throughput([result]).to_dict())
+    value = result["metrics"]["tokens_per_s"]
+    assert bar["y"][0] == pytest.approx(value)
+    assert bar["error_y"]["arrayminus"][0] == pytest.approx(value - value * step["median"] / step["p90"])
+    assert bar["error_y"]["array"][0] == pytest.approx(value * step["median"] / step["p10"] - value)
+
+
+def test_throughput_falls_back_to_samples_per_second_without_a_sequence_length():
+    result = make_result(batch=2)
+    result["metrics"]["tokens_per_s"] = None
+    fig = charts.build_throughput([result]).to_dict()
+    assert fig["layout"]["yaxis"]["title"]["text"] == "samples/s"
+    assert _bars(fig)[0]["y"][0] == pytest.approx(result["metrics"]["samples_per_s"])
+
+
+def test_memory_chart_draws_the_capacity_and_the_memory_cap_as_lines():
+    near = dict(CPU_ENV, capacity_bytes=int(0.5 * GIB))  # close enough to the bars to stay on the scale
+    results = [make_result(env=near, batch=2), make_result("oom", batch=8, memory_cap_gib=0.25)]
+    fig = charts.build_peak_memory(results).to_dict()
+    lines = sorted(shape["y0"] for shape in fig["layout"]["shapes"])
+    assert lines == pytest.approx([0.25, 0.5])
+    texts = [a["text"] for a in fig["layout"]["annotations"]]  # the lines' labels
+    assert "memory cap 0.25 GiB" in texts
+    assert any("Test CPU capacity 0.5 GiB" in text for text in texts)
+    assert _statuses(fig) == [(charts.run_labels(results)[1], "OOM")]
+    assert "range" not in fig["layout"]["yaxis"]
+
+
+def test_a_capacity_far_above_the_bars_is_named_off_the_scale():
+    results = [make_result(batch=1)]  # a few hundred MiB against 16 GiB
+    fig = charts.build_peak_memory(results).to_dict()
+    assert fig["layout"]["shapes"][0]["y0"] == pytest.approx(16.0)
+    top = fig["layout"]["yaxis"]["range"][1]
+    assert top < 16.0
+    assert fig["layout"]["title"]["subtitle"]["text"] == "off the scale: Test CPU capacity 16.0 GiB"
+
+
+def test_runs_from_different_devices_are_separate_legend_entries():
+    results = [make_result(batch=2), make_result(env=H100_ENV, batch=2)]
+    fig = charts.build_throughput(results).to_dict()
+    assert sorted(bar["name"] for bar in _bars(fig)) == ["NVIDIA H100 80GB HBM3", "Test CPU"]
+    assert charts.run_labels(results) == ["Test CPU", "NVIDIA H100 80GB HBM3"]
+
+
+def test_labels_name_only_what_differs_and_stay_unique():
+    results = make_sweep(batches=(1, 2), precisions=("fp32",))
+    assert charts.run_labels(results) == ["b1", "b2"]
+    repeats = [make_result(batch=2), make_result(batch=2)]
+    labels = charts.run_labels(repeats)
+    assert len(set(labels)) == 2 and all(label.startswith("gpt-tiny · b2 · fp32 · ckpt none #") for label in labels)
+    dims = [make_result(batch=2), make_result(batch=2, overrides={"seq_len": 64})]
+    assert charts.run_labels(dims) == ["seq_len=128", "seq_len=64"]
+
+
+def test_breakdowns_are_stacked_with_one_bar_per_run_and_part():
+    results = make_sweep(batches=(1, 2), precisions=("fp32",), oom_batch=2)
+    phases = charts.build_phase_breakdown(results).to_dict()
+    assert phases["layout"]["barmode"] == "stack"
+    assert [b["name"] for b in _bars(phases)] == ["forward", "backward", "optimizer"]
+    assert all(b["x"] == ["b1"] for b in _bars(phases))
+    assert _bars(phases)[1]["y"] == [results[0]["metrics"]["backward_ms"]["median"]]
+    memory = charts.build_memory_breakdown(results).to_dict()
+    assert [b["name"] for b in _bars(memory)] == ["params", "grads", "optimizer", "activations", "other"]
+    assert memory["layout"]["yaxis"]["title"]["text"] == "GiB"
+    assert _bars(memory)[0]["y"] == [pytest.approx(results[0]["metrics"]["memory_breakdown_bytes"]["params"] / GIB)]
+    assert _statuses(memory) == [("b2", "OOM")]
+
+
+def test_sweep_lines_have_one_line_per_other_setting_and_failed_points():
+    results = make_sweep(batches=(1, 2, 4), precisions=("fp32", "bf16"), oom_batch=4)
+    assert charts.sweep_fields(results)[:2] == ["batch", "effective_batch"]
+    fig = charts.build_sweep_lines(results, "batch", "throughput").to_dict()
+    assert fig["layout"]["title"]["text"] == "Throughput vs batch"
+    assert fig["layout"]["xaxis"]["type"] == "log"
+    lines = [t for t in fig["data"] if t.get("name") != charts.FAILED_NAME]
+    assert [(t["name"], list(t["x"])) for t in lines] == [("precision=fp32", [1, 2]), ("precision=bf16", [1, 2])]
+    assert _failed(fig)["x"] == [4, 4] and _failed(fig)["text"] == ["OOM", "OOM"]
+
+
+def test_a_fixed_effective_batch_sweep_is_one_line_not_one_per_accumulation():
+    results = [make_result(batch=b, accum=8 // b) for b in (1, 2, 4, 8)]
+    fig = charts.build_sweep_lines(results, "batch", "peak_memory").to_dict()
+    [line] = fig["data"]
+    assert line["name"] == "all runs" and list(line["x"]) == [1, 2, 4, 8]
+    assert fig["layout"]["yaxis"]["title"]["text"] == "GiB"
+
+
+def test_presentation_layout_scales_a_copy():
+    fig = charts.build_throughput([make_result()])
+    big = charts.presentation_layout(fig).to_dict()
+    assert big["layout"]["font"]["size"] > 12 and big["layout"]["height"] > charts.CHART_HEIGHT
+    assert fig.to_dict()["layout"]["height"] == charts.CHART_HEIGHT
+
+
+def test_a_sweep_over_a_field_some_runs_lack_is_categorical():
+    results = [make_result(batch=2), make_result(batch=2, memory_cap_gib=0.5), make_result("oom", batch=2, memory_cap_gib=0.25)]
+    fig = charts.build_sweep_lines(results, "memory_cap_gib", "peak_memory").to_dict()
+    assert fig["layout"]["xaxis"]["type"] == "category"
+    assert list(fig["data"][0]["x"]) == ["None", "0.5"] and _failed(fig)["x"] == ["0.25"]
