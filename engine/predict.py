@@ -1,0 +1,454 @@
+"""Memory prediction: a linear fit of measured peaks and an analytic estimate.
+
+Two independent answers to "what is the largest micro-batch that fits in N GiB?":
+
+* **Fitted** — peak allocated memory of one configuration measured at 2-3 micro-batch
+  sizes, fitted as ``peak ≈ fixed + slope × batch`` (least squares). ``fixed`` is what does
+  not depend on the batch (weights, gradients, optimizer state, autocast weight copies),
+  ``slope`` the bytes per sample (activations, logits). Extrapolating a straight line is
+  what makes it cheap; the allocator's rounding and fragmentation are why a margin is kept.
+* **Analytic** — nothing is run: parameters, gradients and optimizer state are counted
+  exactly from the model (built on the meta device, so even gpt-xl costs no memory) and
+  the optimizer, and for the GPT presets the activations come from the per-layer formula of
+  Korthikanti et al. 2022, adapted below to this model.
+
+Both are compared with measurements wherever one exists (``comparison_rows``).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+from . import checkpointing, models
+from .config import GIB, BenchConfig, resolve_device
+
+DEFAULT_MARGIN = 0.05
+DEFAULT_CAPACITIES_GIB = (24.0, 40.0, 80.0, 141.0)
+# Config fields that change how a run is measured, not what it allocates: runs that differ
+# only in these (and in the batch) are points of one memory curve.
+# The device is matched separately, by the device type the run reports.
+_MEASUREMENT_ONLY = ("batch", "warmup", "steps", "seed", "timeout_s", "device", "memory_cap_gib")
+
+
+def usable_bytes(capacity_bytes: float, margin: float = DEFAULT_MARGIN) -> float:
+    """Bytes a run may use on a device of ``capacity_bytes`` with ``margin`` (a fraction) left free."""
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be a fraction in [0, 1), got {margin!r}")
+    return capacity_bytes * (1.0 - margin)
+
+
+def _largest_batch(peak_of, budget_bytes: float, limit: int) -> int:
+    """Largest batch in [1, limit] with ``peak_of(batch) <= budget_bytes`` for a
+    non-decreasing ``peak_of``; 0 when even batch 1 does not fit (binary search)."""
+    if peak_of(1) > budget_bytes:
+        return 0
+    lo, hi = 1, limit  # invariant: lo fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak_of(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ------------------------------------------------------------------------- fitted
+@dataclass(frozen=True)
+class PeakFit:
+    """``peak ≈ fixed_bytes + slope_bytes × batch`` fitted to measured (batch, peak) points."""
+
+    fixed_bytes: float
+    slope_bytes: float
+    points: tuple[tuple[int, float], ...]
+
+    def predict(self, batch: int) -> float:
+        """Fitted peak bytes at micro-batch ``batch``."""
+        return self.fixed_bytes + self.slope_bytes * batch
+
+    def max_batch(self, capacity_bytes: float, margin: float = DEFAULT_MARGIN, limit: int = 1 << 30) -> int:
+        """Largest micro-batch whose fitted peak leaves ``margin`` of ``capacity_bytes`` free.
+
+        0 when batch 1 already does not fit; ``limit`` when the fit does not grow with the
+        batch (a slope <= 0 means the points say nothing about where it stops).
+        """
+        budget = usable_bytes(capacity_bytes, margin)
+        if self.slope_bytes <= 0:
+            return limit if self.predict(1) <= budget else 0
+        return max(0, min(limit, int((budget - self.fixed_bytes) // self.slope_bytes)))
+
+    def to_dict(self) -> dict:
+        return {
+            "fixed_bytes": self.fixed_bytes,
+            "slope_bytes": self.slope_bytes,
+            "points": [list(p) for p in self.points],
+        }
+
+
+def fit_peak(points: Iterable[tuple[int, float]]) -> PeakFit:
+    """Least-squares line through (batch, peak bytes) points; needs two distinct batches."""
+    pts = tuple(sorted((int(b), float(p)) for b, p in points))
+    batches = {b for b, _ in pts}
+    if len(batches) < 2:
+        raise ValueError(f"a fit needs measured peaks at two or more different batch sizes, got {sorted(batches)}")
+    n = len(pts)
+    mean_b = sum(b for b, _ in pts) / n
+    mean_p = sum(p for _, p in pts) / n
+    sxx = sum((b - mean_b) ** 2 for b, _ in pts)
+    sxy = sum((b - mean_b) * (p - mean_p) for b, p in pts)
+    slope = sxy / sxx
+    return PeakFit(fixed_bytes=mean_p - slope * mean_b, slope_bytes=slope, points=pts)
+
+
+def curve_key(config: dict) -> tuple:
+    """What identifies one memory-vs-batch curve: every config field except those in
+    ``_MEASUREMENT_ONLY`` (a sorted tuple so it can be a dict key)."""
+    return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in _MEASUREMENT_ONLY))
+
+
+def measured_points(results: Iterable[dict], config: BenchConfig, device_type: str) -> list[tuple[int, float, dict]]:
+    """(batch, peak allocated bytes, result) of the ok results on ``config``'s memory curve
+    measured on a ``device_type`` device ("cpu", "cuda"), newest result per batch
+    (``results`` are assumed newest first, as the store lists them)."""
+    key = curve_key(config.to_dict())
+    points: dict[int, tuple[int, float, dict]] = {}
+    for result in results:
+        peak = result["metrics"].get("peak_allocated_bytes")
+        if (
+            result["status"] != "ok"
+            or peak is None
+            or result["env"].get("device_type") != device_type
+            or curve_key(result["config"]) != key
+        ):
+            continue
+        points.setdefault(result["config"]["batch"], (result["config"]["batch"], float(peak), result))
+    return sorted(points.values(), key=lambda p: p[0])
+
+
+# ------------------------------------------------------------------------- analytic
+# Bytes per element of the tensors autocast produces, and of fp32 master weights.
+_FP32 = 4
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_INDEX = 8  # int64 token ids / targets
+
+
+@dataclass(frozen=True)
+class AnalyticEstimate:
+    """Memory of one configuration computed without running it (bytes).
+
+    ``params``/``grads``/``optimizer`` are exact. ``inputs`` are the synthetic batches
+    (all ``accum`` micro-batches are made up front). ``activations`` are the tensors the
+    forward pass leaves alive for backward (blocks, head, log-probabilities, autocast's
+    low-precision weight copies), the figure engine/memory.py reports as "activations".
+    ``transient`` is the most that backward adds on top at one time (the loss gradients at
+    its start, or one recomputed block). ``peak`` is the larger of the backward and
+    optimizer-step totals. Activation fields are None for models without a formula
+    (everything but the GPT presets).
+    """
+
+    params: int
+    grads: int
+    optimizer: int
+    inputs: int | None
+    activations: int | None
+    transient: int | None
+    peak: int | None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class _ModelFacts:
+    n_params: int
+    n_param_tensors: int
+    # Weights autocast casts to the compute dtype (Linear/Conv), tied ones once: those in
+    # one repeated block and those outside the blocks (the tied lm_head for GPT).
+    cast_elems_per_block: int
+    cast_elems_outside: int
+
+
+def _model_facts(config: BenchConfig) -> _ModelFacts | None:
+    return _model_facts_cached(config.model, tuple(sorted(config.overrides.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None:
+    """Parameter facts from the model built on the meta device (no memory, any size);
+    cached because the batch searches below ask for the same model many times."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model, _ = models.build(model_name, dict(overrides))
+    except Exception:  # a user model that cannot be built on meta: no analytic estimate
+        return None
+
+    def cast_weights(module: torch.nn.Module) -> dict[int, int]:
+        return {
+            id(m.weight): m.weight.numel()
+            for m in module.modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.requires_grad
+        }
+
+    params = {id(p): p for p in model.parameters()}
+    blocks = models.find_blocks(model)
+    in_blocks = cast_weights(blocks) if blocks is not None else {}
+    outside = {key: n for key, n in cast_weights(model).items() if key not in in_blocks}
+    n_blocks = len(blocks) if blocks is not None else 0
+    return _ModelFacts(
+        n_params=sum(p.numel() for p in params.values()),
+        n_param_tensors=len(params),
+        cast_elems_per_block=sum(in_blocks.values()) // max(1, n_blocks),
+        cast_elems_outside=sum(outside.values()),
+    )
+
+
+def optimizer_state_bytes(optimizer: str, n_params: int, n_param_tensors: int) -> int:
+    """Optimizer state as engine/step.py builds the optimizer (fp32 parameters).
+
+    AdamW keeps exp_avg and exp_avg_sq (fp32, one element each per parameter) and a 4-byte
+    ``step`` scalar per parameter tensor; SGD keeps one fp32 momentum buffer per parameter.
+    """
+    if optimizer == "adamw":
+        return 2 * _FP32 * n_params + _FP32 * n_param_tensors
+    if optimizer == "sgd":
+        return _FP32 * n_params
+    raise ValueError(f"no optimizer-state formula for {optimizer!r}")
+
+
+def checkpointed_blocks(ckpt: str, k: int, n_blocks: int) -> int:
+    """How many of ``n_blocks`` blocks the checkpointing policy wraps (asks the policy)."""
+    policy = checkpointing.make_policy(ckpt, k)
+    return sum(policy.selects(i, n_blocks) for i in range(n_blocks))
+
+
+def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
+    """Bytes one GPTBlock keeps for backward (no checkpointing).
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", eq. 1: ``sbh(34 + 5as/h)`` bytes per layer, counted for 2-byte activations and
+    1-byte dropout masks: 11sbh attention + 19sbh MLP + 4sbh for the two LayerNorm inputs,
+    plus 5as²b for the softmax output (2), its dropout mask (1) and dropout output (2).
+    Adapted to this model:
+
+    * SDPA stores no s×s matrix (flash / memory-efficient kernels keep q, k, v, the output
+      and a logsumexp), so the 5as/h term goes; the output projection's input is a view of
+      the SDPA output (its memory is already (b, s, a, h/a)), so nothing is added for it.
+    * No dropout: the two 1-byte masks (attention output, MLP output) go: 34 -> 32 bytes,
+      i.e. 16 sbh *elements*: LayerNorm inputs 2, qkv input 1, q/k/v 3, attention output 1,
+      fc input 1, fc output (GELU input) 4, GELU output 4.
+    * Element size instead of Korthikanti's 2 bytes: the two LayerNorm inputs are the
+      residual stream, which stays fp32 under autocast (fp32 parameters, residual adds
+      promote), so 2 elements × 4 B; the other 14 are in the compute dtype (4 B in fp32,
+      2 B in bf16/fp16, where autocast's cast copy, not the fp32 LayerNorm output, is what
+      the next Linear keeps). fp32: 64 sbh bytes, bf16/fp16: 36 sbh bytes per layer.
+    * Small terms Korthikanti drops, kept here because they are exact: LayerNorm mean and
+      rstd (fp32, 2 per LayerNorm: 16sb bytes) and SDPA's logsumexp (fp32, 4asb bytes).
+    """
+    c = _COMPUTE_BYTES[precision]
+    sbh = s * b * h
+    return sbh * (2 * _FP32 + 14 * c) + 16 * s * b + 4 * a * s * b
+
+
+def _gpt_block_input_bytes(s: int, b: int, h: int) -> int:
+    # A checkpointed block keeps only its input: Korthikanti's 2sbh (fp16) is sbh elements;
+    # here the residual stream is fp32.
+    return _FP32 * s * b * h
+
+
+def _gpt_selective_layer_bytes(s: int, b: int, h: int, precision: str) -> int:
+    # Selective checkpointing saves the matmul outputs (q/k/v 3, projection 1, fc 4,
+    # fc_proj 1 = 9 sbh elements in the compute dtype) and the block input, and recomputes
+    # the LayerNorms, GELU and attention.
+    return _gpt_block_input_bytes(s, b, h) + 9 * s * b * h * _COMPUTE_BYTES[precision]
+
+
+def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
+    """inputs, activations and backward transient (bytes) of a GPT preset, with notes."""
+    s, h, L, a, V = dims["seq_len"], dims["d_model"], dims["n_layers"], dims["n_heads"], dims["vocab"]
+    b, c = batch, _COMPUTE_BYTES[config.precision]
+    full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision)
+    n_ckpt = checkpointed_blocks(config.ckpt, config.k, L)
+    per_ckpt = (
+        _gpt_selective_layer_bytes(s, b, h, config.precision)
+        if config.ckpt == "selective"
+        else _gpt_block_input_bytes(s, b, h)
+    )
+    blocks = n_ckpt * per_ckpt + (L - n_ckpt) * full_layer
+    # cross_entropy runs in fp32 (also under autocast) and keeps its log-probabilities:
+    # s·b·vocab fp32, the term that dominates small models.
+    log_probs = _FP32 * s * b * V
+    # Head: ln_f input (fp32) and its mean/rstd, lm_head input (compute dtype), positions.
+    head = _FP32 * s * b * h + 8 * s * b + c * s * b * h + _INDEX * s
+    # Autocast keeps the low-precision copy of each Linear weight it cast alive until that
+    # layer's backward; inside a checkpointed block the cast is recomputed, not kept.
+    cast_elems = facts.cast_elems_outside + (L - n_ckpt) * facts.cast_elems_per_block
+    casts = c * cast_elems if config.precision != "fp32" else 0
+    # At the start of backward nll_loss and log_softmax each produce an s·b·vocab fp32
+    # gradient while the log-probabilities are still held: two more of them.
+    loss_backward = 2 * log_probs
+    # By the time the last block is recomputed the loss tensors are freed and the tied
+    # embedding's gradient (vocab × d_model, from lm_head) exists; the block's full
+    # activations are rebuilt and the gradient flowing into it (fp32) is alive.
+    recompute = full_layer + _FP32 * (V * h + s * b * h) - log_probs if n_ckpt else 0
+    notes = [
+        f"blocks: {L - n_ckpt} kept × {full_layer / GIB:.3g} GiB + {n_ckpt} checkpointed × {per_ckpt / GIB:.3g} GiB",
+        f"log-probabilities (s·b·vocab fp32): {log_probs / GIB:.3g} GiB, plus 2× that at the start of backward",
+    ]
+    if casts:
+        notes.append(f"autocast weight copies: {casts / GIB:.3g} GiB")
+    return {
+        # Token ids and targets (int64) of every micro-batch.
+        "inputs": config.accum * 2 * _INDEX * s * b,
+        "activations": blocks + head + log_probs + casts,
+        "transient": max(loss_backward, recompute),
+        "notes": notes,
+    }
+
+
+def optimizer_step_transient_bytes(optimizer: str, n_params: int, device_type: str) -> int:
+    """Temporary memory of the optimizer step as engine/step.py runs it.
+
+    Multi-tensor (foreach) AdamW, used off CUDA, materialises sqrt(exp_avg_sq) for every
+    parameter at once (one fp32 copy of the parameters); the fused CUDA kernel and SGD's
+    in-place momentum update allocate nothing of that size.
+    """
+    return _FP32 * n_params if optimizer == "adamw" and device_type != "cuda" else 0
+
+
+def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type: str | None = None) -> AnalyticEstimate | None:
+    """The analytic memory estimate of ``config`` at micro-batch ``batch`` (default: config.batch).
+
+    ``device_type`` ("cpu", "cuda"; default: the config's device) picks the optimizer
+    implementation engine/step.py would use. None when the model cannot be built on the
+    meta device (some user models).
+    """
+    facts = _model_facts(config)
+    if facts is None:
+        return None
+    b = config.batch if batch is None else batch
+    device_type = device_type or resolve_device(config.device).split(":")[0]
+    params = _FP32 * facts.n_params  # parameters stay fp32; autocast casts copies
+    grads = _FP32 * facts.n_params  # gradients of fp32 parameters are fp32
+    optimizer = optimizer_state_bytes(config.optimizer, facts.n_params, facts.n_param_tensors)
+    if models.is_user_model(config.model) or models.PRESETS[config.model][0] != "gpt":
+        return AnalyticEstimate(params, grads, optimizer, None, None, None, None, ("no activation formula for this model",))
+    _, dims = models.preset_dims(config.model, config.overrides)
+    terms = _gpt_activation_terms(dims, b, config, facts)
+    # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
+    # with accumulation the earlier micro-batches' gradients do.
+    grads_at_backward = grads if config.accum > 1 else 0
+    backward = params + optimizer + grads_at_backward + terms["inputs"] + terms["activations"] + terms["transient"]
+    optimizer_step = (
+        params + grads + optimizer + terms["inputs"]
+        + optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
+    )
+    return AnalyticEstimate(
+        params, grads, optimizer, terms["inputs"], terms["activations"], terms["transient"],
+        max(backward, optimizer_step), tuple(terms["notes"]),
+    )
+
+
+def analytic_max_batch(
+    config: BenchConfig, capacity_bytes: float, margin: float = DEFAULT_MARGIN, device_type: str | None = None, limit: int = 1 << 24
+) -> int | None:
+    """Largest micro-batch whose analytic peak leaves ``margin`` free; None without a formula."""
+    first = analytic_estimate(config, 1, device_type)
+    if first is None or first.peak is None:
+        return None
+    return _largest_batch(lambda b: analytic_estimate(config, b, device_type).peak, usable_bytes(capacity_bytes, margin), limit)
+
+
+# ------------------------------------------------------------------------- reports
+def _rel_error(estimate: float | None, measured: float) -> float | None:
+    return None if estimate is None or not measured else (estimate - measured) / measured
+
+
+def comparison_rows(points: Sequence[tuple[int, float]], fit: PeakFit | None, config: BenchConfig) -> list[dict]:
+    """Measured vs fitted vs analytic peak per measured batch, with relative errors
+    ((estimate - measured) / measured; positive = overestimate)."""
+    rows = []
+    for batch, measured in points:
+        fitted = fit.predict(batch) if fit else None
+        estimate = analytic_estimate(config, batch)
+        analytic = estimate.peak if estimate else None
+        rows.append(
+            {
+                "batch": batch,
+                "measured_bytes": measured,
+                "fitted_bytes": fitted,
+                "analytic_bytes": analytic,
+                "fitted_error": _rel_error(fitted, measured),
+                "analytic_error": _rel_error(analytic, measured),
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A memory size to predict for: the current device, or a GPU size the user typed."""
+
+    label: str
+    bytes: float
+    device_type: str  # decides the optimizer implementation in the analytic estimate
+
+
+def capacities(values_gib: Iterable[float], device_capacity_bytes: float | None = None, device_type: str = "cpu") -> list[Capacity]:
+    """The device first (when its capacity is known), then each typed GiB value as a GPU."""
+    named = []
+    if device_capacity_bytes:
+        named.append(Capacity(f"this {device_type} ({device_capacity_bytes / GIB:.1f} GiB)", float(device_capacity_bytes), device_type))
+    for gib in values_gib:
+        if not gib > 0:
+            raise ValueError(f"a capacity must be > 0 GiB, got {gib!r}")
+        named.append(Capacity(f"{gib:g} GiB", gib * GIB, "cuda"))
+    return named
+
+
+def capacity_rows(fit: PeakFit | None, config: BenchConfig, targets: Iterable[Capacity], margin: float = DEFAULT_MARGIN) -> list[dict]:
+    """Predicted largest micro-batch per capacity, from the fit and from the analytic estimate.
+
+    The fit comes from the device it was measured on; applied to another GPU it assumes the
+    same allocator behaviour, which is why both answers are shown.
+    """
+    return [
+        {
+            "capacity": target.label,
+            "capacity_bytes": target.bytes,
+            "fitted_max_batch": fit.max_batch(target.bytes, margin) if fit else None,
+            "analytic_max_batch": analytic_max_batch(config, target.bytes, margin, target.device_type),
+        }
+        for target in targets
+    ]
+
+
+def report(points: Sequence[tuple[int, float]], config: BenchConfig, targets: Iterable[Capacity], margin: float = DEFAULT_MARGIN) -> dict:
+    """Everything the CLI and the dashboard show for one configuration's memory prediction.
+
+    ``points`` are measured (batch, peak bytes). Returns config, margin, points, fit (or
+    None with fewer than two distinct batches), analytic (the estimate at config.batch, or
+    None), comparison (``comparison_rows``), capacities (``capacity_rows``) and curve: the
+    analytic peak at batches 1 .. twice the largest measured (None values without a formula),
+    for drawing.
+    """
+    points = sorted((int(b), float(p)) for b, p in points)
+    fit = fit_peak(points) if len({b for b, _ in points}) >= 2 else None
+    analytic = analytic_estimate(config)
+    top = max([config.batch] + [b for b, _ in points]) * 2
+    curve = []
+    for batch in sorted({max(1, round(top * i / 32)) for i in range(33)}):
+        estimate = analytic_estimate(config, batch)
+        curve.append((batch, estimate.peak if estimate else None))
+    return {
+        "config": config.to_dict(),
+        "margin": margin,
+        "points": [list(p) for p in points],
+        "fit": fit.to_dict() if fit else None,
+        "analytic": analytic.to_dict() if analytic else None,
+        "comparison": comparison_rows(points, fit, config),
+        "capacities": capacity_rows(fit, config, targets, margin),
+        "curve": [list(p) for p in curve],
+    }
