@@ -51,3 +51,21 @@ def test_runs_chosen_on_the_results_page_open_here(app_db):
     assert at.selectbox(key="compare.source").value == "Hand-picked runs"
     assert at.multiselect(key="compare.runs").value == [runs[0]["id"], runs[2]["id"]]
     assert sum(len(t["x"]) for t in chart(at, "Throughput")["data"]) == 2
+
+
+def test_numerical_cost_and_energy_sit_beside_the_gains(app_db):
+    runs = make_sweep("s", batches=(2,), precisions=("fp32", "bf16", "fp16"))
+    for run, diff, joules in zip(runs, (0.0, 4e-3, 9e-4), (0.30, 0.18, 0.19)):
+        run["metrics"].update(grad_rel_diff=diff, energy_j_per_sample=joules)
+    runs[2]["metrics"].update(loss_scale=32768.0, skipped_steps=1)
+    app_db.add_many(runs)
+    at = open_app("pages/compare.py")
+    assert "Numerical cost and energy" in [s.value for s in at.subheader]
+    figure = chart(at, "Numerical cost")
+    assert figure["data"][0]["y"] == [0.0, 4e-3, 9e-4]
+    [table] = [d.value for d in at.dataframe if "grad_rel_diff" in d.value.columns]
+    bf16 = table[table["config"].str.contains("bf16")].iloc[0]
+    assert bf16["speed-up"] == runs[1]["metrics"]["samples_per_s"] / runs[0]["metrics"]["samples_per_s"]
+    assert bf16["memory saved %"] == 0.0 and bf16["J/sample"] == 0.18  # the fixture's peak ignores precision
+    fp16 = table[table["config"].str.contains("fp16")].iloc[0]
+    assert (fp16["loss scale"], fp16["skipped steps"]) == (32768.0, 1)

@@ -151,3 +151,21 @@ def test_cancel_stops_a_running_benchmark_and_records_it(app_db):
     assert [r["status"] for r in snapshot.results] == ["cancelled"]
     assert app_db.list()[0]["status"] == "cancelled"
     assert at.error[0].value.startswith("CANCELLED")
+
+
+def test_find_batch_size_from_the_run_page_shows_the_trials(app_db):
+    at = tiny_settings(open_app())
+    at.number_input(key="run.find.max").set_value(2).run()
+    click(at, "Find batch size")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not at.session_state["run.find"].done:
+        assert time.monotonic() < deadline, at.session_state["run.find"].describe()
+        time.sleep(0.3)
+        at.run()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    report = at.session_state["run.find"].value
+    assert report["max_batch"] == 2 and [t["batch"] for t in report["trials"]] == [1, 2]
+    assert [m.value for m in at.metric if m.label == "Largest micro-batch that fits"] == ["2"]
+    assert "Batch finder trials" in chart_titles(at)
+    assert len(app_db.list()) == 2  # every trial is a stored run

@@ -2,6 +2,7 @@
 import streamlit as st
 
 from app import charts, storage, ui
+from app.panels import numerical_cost_panel
 from app.tables import diff_runs, runs_frame
 
 HAND_PICKED = "Hand-picked runs"
@@ -72,6 +73,9 @@ if swept:
     metric = metric_column.selectbox("Metric", list(charts.SWEEP_METRICS), key="compare.sweep_metric",
                                      format_func=lambda m: charts.SWEEP_METRICS[m][0])
     ui.show_chart(charts.build_sweep_lines(selected, field, metric), key="compare.sweep")
+
+st.subheader("Numerical cost and energy")
+numerical_cost_panel(selected, key="compare.numerics")
 
 with st.expander("Table of these runs"):
     st.dataframe(runs_frame(selected), hide_index=True)

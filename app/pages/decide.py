@@ -6,113 +6,23 @@ exist); each tab asks one question about it. Anything that measures runs in the 
 worker processes from a background thread, which the page polls, so the page stays
 responsive; runs it makes are stored like every other run.
 """
-import threading
 from collections import Counter
 
 import pandas as pd
 import streamlit as st
 
 from app import charts, jobs, storage, ui
-from engine import finder, frontier, models, numerics, pitfall, predict, timeline
+from app.panels import find_batch_panel, gib, numerical_cost_panel, percent
+from app.tasks import follow, follow_job, start
+from engine import frontier, models, pitfall, predict, timeline
 from engine.config import (CKPT_POLICIES, GIB, OPTIMIZERS, PRECISIONS, BenchConfig, ConfigError, cuda_device_count,
                            device_capacity_bytes, resolve_device)
-from engine.isolated import IsolatedRunError
 
-POLL_S = 0.5
 DEFAULTS = BenchConfig()
 FIELDS = ("model", "batch", "accum", "precision", "ckpt", "k", "optimizer", "warmup", "steps", "device", "timeout_s")
 PERSIST = {"persist_state": "session"}
 
 store = storage.get_store()
-
-
-class Task:
-    """One decision-tool call running in a daemon thread: ``fn(progress, cancel) -> value``.
-    The page reads ``event``/``done``/``value``/``error``; no Streamlit call in the thread."""
-
-    def __init__(self, fn):
-        self.cancel = threading.Event()
-        self.event: dict = {}
-        self.value = None
-        self.error: str | None = None
-        self.done = False
-        threading.Thread(target=self._run, args=(fn,), name="tradeoff-lab-decide", daemon=True).start()
-
-    def _run(self, fn) -> None:
-        try:
-            self.value = fn(self._progress, self.cancel)
-        except IsolatedRunError as exc:
-            self.error = f"{exc.status.upper()}: {exc}"
-        except Exception as exc:  # noqa: BLE001 - shown on the page instead of dying with the thread
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self.done = True
-
-    def _progress(self, event: dict) -> None:
-        self.event = dict(event)
-
-    def describe(self) -> str:
-        event = self.event
-        prefix = f"batch {event['batch']} (trial {event['trial']}): " if "trial" in event else ""
-        if event.get("phase") == "queued":
-            return prefix + f"waiting for the device (place {event.get('position')} in the queue)"
-        if "total" in event:
-            return prefix + f"{event.get('phase')}, step {event.get('step', 0)} of {event['total']}"
-        return prefix + (event.get("phase") or "running")
-
-
-def start(key: str, fn) -> None:
-    st.session_state[key] = Task(fn)
-
-
-def follow(key: str, label: str) -> Task | None:
-    """Progress and Cancel of the task under ``key`` while it runs, polled in a fragment that
-    reruns the page when the task ends; returns the task once it finished without error."""
-    task = st.session_state.get(key)
-    if task is None:
-        return None
-    shown = f"{key}.shown"
-    st.session_state[shown] = task.done  # this (full) run draws the finished task
-
-    @st.fragment(run_every=None if task.done else POLL_S)
-    def panel() -> None:
-        if task.done:
-            if not st.session_state[shown]:
-                st.rerun()
-            return
-        with st.status(f"{label}: {task.describe()}", state="running"):
-            st.caption("Runs in the engine's worker; the page stays usable.")
-        if st.button("Cancel", key=f"{key}.cancel", disabled=task.cancel.is_set()):
-            task.cancel.set()
-
-    panel()
-    if task.done and task.error:
-        st.error(task.error)
-    return task if task.done and task.error is None else None
-
-
-def follow_job(key: str) -> None:
-    """Progress of a ``jobs.BenchJob`` (runs for the prediction or the recommender); the page
-    reruns whenever a run of it is stored, so the answers above include it."""
-    job = st.session_state.get(key)
-    if job is None:
-        return
-    seen = f"{key}.seen"
-    st.session_state[seen] = job.snapshot().version
-
-    @st.fragment(run_every=None if job.snapshot().finished else POLL_S)
-    def panel() -> None:
-        state = job.snapshot()
-        if state.version != st.session_state[seen]:
-            st.rerun()
-        if state.finished:
-            st.caption(state.describe())
-            return
-        st.progress(state.fraction(), text=state.describe())
-        if st.button("Cancel", key=f"{key}.cancel", disabled=state.cancelling):
-            job.cancel()
-
-    panel()
 
 
 # ---------------------------------------------------------------- the configuration
@@ -158,44 +68,7 @@ def sidebar_config() -> tuple[BenchConfig | None, float]:
     return config, float(margin)
 
 
-def gib(value) -> str:
-    return "–" if value is None else f"{value / GIB:,.3f} GiB" if value < 10 * GIB else f"{value / GIB:,.1f} GiB"
-
-
-def percent(fraction: float | None) -> float | None:
-    """A fraction as a percentage, so a table can show the small errors with decimals."""
-    return None if fraction is None else 100 * fraction
-
-
 # ---------------------------------------------------------------- tabs
-def find_batch_tab(config: BenchConfig, margin: float) -> None:
-    st.caption("Doubles the micro-batch until a run does not fit (out of memory, or over the margin), then "
-               "binary-searches; every trial is a real run in the worker and is stored.")
-    left, middle, right = st.columns(3)
-    max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key="decide.find.max")
-    limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key="decide.find.limit")
-    running = "decide.find" in st.session_state and not st.session_state["decide.find"].done
-    if right.button("Find batch size", type="primary", disabled=running):
-        start("decide.find", lambda progress, cancel: finder.find_batch(
-            config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit), progress=progress,
-            on_result=store.add, cancel=cancel))
-        st.rerun()
-    task = follow("decide.find", "Finding the batch size")
-    if task is None:
-        return
-    report = task.value
-    columns = st.columns(3)
-    largest = report["max_batch"]
-    columns[0].metric("Largest micro-batch that fits", "none" if largest is None else
-                      f"{largest}" if report["exact"] else f"≥ {largest}")
-    columns[1].metric("Fastest micro-batch tried", report["best_batch"] or "–")
-    columns[2].metric("Memory budget", gib(report["budget_bytes"]), help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
-    if report["stopped"]:
-        st.warning(f"Stopped early: {report['stopped']}")
-    ui.show_chart(charts.build_finder_trials(report), key="decide.find.chart")
-    st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
-
-
 def predict_tab(config: BenchConfig, margin: float) -> None:
     device = resolve_device(config.device)
     device_type = device.split(":")[0]
@@ -322,29 +195,6 @@ def pitfall_tab(config: BenchConfig) -> None:
     (st.warning if report["asynchronous"] else st.info)(report["message"])
 
 
-def numerics_tab(config: BenchConfig) -> None:
-    runs = [r for r in store.list(model=config.model) if r["status"] == "ok"]
-    if not runs:
-        st.info(f"No ok runs of {config.model} stored yet.")
-        return
-    st.caption("The price of each saving: ‖g − g_ref‖/‖g_ref‖ of the first step against the fp32, no-checkpointing "
-               "run of the same seed, beside the speed-up and memory saving against a measured fp32 run "
-               "(same batch and accumulation), fp16 loss scale, skipped steps and energy (where NVML reports it).")
-    rows = numerics.cost_rows(runs)
-    if any(r["grad_rel_diff"] is not None for r in rows):
-        ui.show_chart(charts.build_numerical_cost(runs), key="decide.numerics.chart")
-    else:
-        st.info("None of these runs has a gradient difference (runs recorded before the engine measured it).")
-    st.dataframe(pd.DataFrame([{
-        "config": frontier.config_words(r["config"]), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
-        "peak": gib(r["peak_allocated_bytes"]), "memory saved %": percent(r["memory_saving"]), "grad_rel_diff": r["grad_rel_diff"],
-        "loss scale": r["loss_scale"], "skipped steps": r["skipped_steps"], "J/sample": r["energy_j_per_sample"],
-    } for r in rows]), hide_index=True, column_config={
-        "speed-up": st.column_config.NumberColumn(format="%.2f×"),
-        "memory saved %": st.column_config.NumberColumn(format="%+.1f %%"),
-        "grad_rel_diff": st.column_config.NumberColumn(format="%.2e")})
-
-
 # ---------------------------------------------------------------- page
 st.title("Decide")
 config, margin = sidebar_config()
@@ -352,7 +202,7 @@ if config is None:
     st.stop()
 tabs = st.tabs(["Find batch size", "Predict memory", "Recommend", "Memory timeline", "Timing pitfall", "Numerical cost"])
 with tabs[0]:
-    find_batch_tab(config, margin)
+    find_batch_panel(config, margin, store, key="decide.find")
 with tabs[1]:
     predict_tab(config, margin)
 with tabs[2]:
@@ -362,4 +212,8 @@ with tabs[3]:
 with tabs[4]:
     pitfall_tab(config)
 with tabs[5]:
-    numerics_tab(config)
+    runs = [r for r in store.list(model=config.model) if r["status"] == "ok"]
+    if runs:
+        numerical_cost_panel(runs, key="decide.numerics")
+    else:
+        st.info(f"No ok runs of {config.model} stored yet.")

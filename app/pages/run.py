@@ -10,8 +10,9 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from app import jobs, params, storage, tables, ui
+from app.panels import find_batch_panel
 from app.charts import throughput_unit
-from engine import models, sweep
+from engine import models, predict, sweep
 from engine.config import (CKPT_POLICIES, GIB, OPTIMIZERS, PRECISIONS, BenchConfig, ConfigError, cuda_device_count,
                            mps_available, resolve_device)
 
@@ -207,6 +208,11 @@ def job_panel() -> None:
 
 
 job_panel()
+
+if mode == "Single run" and configs:
+    with st.expander("Find batch size: the largest micro-batch that fits, and the fastest",
+                     expanded="run.find" in st.session_state):
+        find_batch_panel(configs[0], predict.DEFAULT_MARGIN, store, key="run.find")
 
 # ---------------------------------------------------------------- newest results
 if snapshot and snapshot.results:
