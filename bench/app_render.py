@@ -7,10 +7,11 @@ object has its real size) under fresh ids, one sweep per copy of the demo set, t
    which is what grows with the number of stored runs), median of several reruns after a
    warm-up run;
 2. in a browser (if /usr/bin/chromium and playwright are present), on a real `streamlit run`
-   server, until the page's content is drawn (the table for Results, all six charts for
+   server, until the page's content is drawn (the table for Results, all seven charts for
    Compare): (a) a fresh page load by URL, with the nearly empty Device page as the baseline
-   that every fresh load pays (Streamlit's frontend, the websocket session); (b) a click on the
-   page in the app's navigation, as a user moves between pages. Medians of several tries.
+   that every fresh load pays (Streamlit's frontend, the websocket session), with an empty
+   browser cache; (b) a reload by a returning user (warm HTTP cache, new session); (c) a click
+   on the page in the app's navigation, as a user moves between pages. Medians of several tries.
 
     python bench/app_render.py [--runs 1000] [--repeats 5] [--no-browser]
 """
@@ -43,7 +44,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync"]
 # page -> (url path, selector of what shows the page is drawn, how many of them)
 PAGES = {"Results": ("results", '[data-testid="stDataFrame"]', 1),
-         "Compare": ("compare", ".js-plotly-plot .gtitle", 6)}
+         "Compare": ("compare", ".js-plotly-plot .gtitle", 7)}
 BASELINE = {"Device": ("device", 'h1:has-text("Device")', 1)}
 
 
@@ -87,8 +88,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def browser_times(db: str, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Seconds until each page's content is drawn in headless Chromium: (fresh loads, clicks)."""
+def browser_times(db: str, repeats: int) -> tuple[dict[str, list[float]], ...]:
+    """Seconds until each page's content is drawn in headless Chromium: (fresh loads with an
+    empty cache, reloads with a warm cache, clicks in the navigation)."""
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -105,6 +107,7 @@ def browser_times(db: str, repeats: int) -> tuple[dict[str, list[float]], dict[s
             except OSError:
                 time.sleep(0.3)
         fresh: dict[str, list[float]] = {}
+        reloads: dict[str, list[float]] = {}
         clicks: dict[str, list[float]] = {}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -120,6 +123,20 @@ def browser_times(db: str, repeats: int) -> tuple[dict[str, list[float]], dict[s
                     page.locator(selector).nth(count - 1).wait_for(timeout=60_000)
                     fresh[name].append(time.perf_counter() - began)
                     page.close()
+            # A returning user: the same browser context, so Streamlit's and plotly's
+            # JavaScript come from the HTTP cache; a new session still renders from scratch.
+            returning = browser.new_context(viewport={"width": 1600, "height": 1200})
+            page = returning.new_page()
+            for name, (path, selector, count) in {**BASELINE, **PAGES}.items():
+                page.goto(f"{url}/{path}")
+                page.locator(selector).nth(count - 1).wait_for(timeout=60_000)
+                reloads[name] = []
+                for _ in range(repeats):
+                    began = time.perf_counter()
+                    page.reload()
+                    page.locator(selector).nth(count - 1).wait_for(timeout=60_000)
+                    reloads[name].append(time.perf_counter() - began)
+            returning.close()
             for _ in range(repeats):
                 for name, (_, selector, count) in {**PAGES, **BASELINE}.items():
                     began = time.perf_counter()
@@ -127,7 +144,7 @@ def browser_times(db: str, repeats: int) -> tuple[dict[str, list[float]], dict[s
                     app.locator(selector).nth(count - 1).wait_for(timeout=60_000)
                     clicks.setdefault(name, []).append(time.perf_counter() - began)
             browser.close()
-        return fresh, clicks
+        return fresh, reloads, clicks
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -164,8 +181,9 @@ def main() -> None:
         if not os.path.exists(CHROMIUM):
             print(f"browser: skipped ({CHROMIUM} is missing)")
             return
-        fresh, clicks = browser_times(db, args.repeats)
+        fresh, reloads, clicks = browser_times(db, args.repeats)
         report("load", fresh)
+        report("reload", reloads)
         report("click", clicks)
 
 
