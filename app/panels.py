@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, ui
-from app.tasks import follow, start
+from app.tasks import task_button
 from engine import finder, frontier, numerics
 from engine.config import GIB, BenchConfig
 from engine.store import Store
@@ -30,13 +30,9 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     left, middle, right = st.columns(3)
     max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key=f"{key}.max")
     limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key=f"{key}.limit")
-    running = key in st.session_state and not st.session_state[key].done
-    if right.button("Find batch size", type="primary", disabled=running, key=f"{key}.start"):
-        start(key, lambda progress, cancel: finder.find_batch(
-            config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit), progress=progress,
-            on_result=store.add, cancel=cancel))
-        st.rerun()
-    task = follow(key, "Finding the batch size")
+    task = task_button(key, "Find batch size", lambda progress, cancel: finder.find_batch(
+        config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit), progress=progress,
+        on_result=store.add, cancel=cancel), "Finding the batch size", where=right)
     if task is None:
         return
     report = task.value

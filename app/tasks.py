@@ -45,8 +45,14 @@ class Task:
         return prefix + (event.get("phase") or "running")
 
 
-def start(key: str, fn) -> None:
-    st.session_state[key] = Task(fn)
+def task_button(key: str, button: str, fn, status: str, where=st) -> Task | None:
+    """A primary ``button`` (in ``where``, e.g. a column) that starts ``fn(progress, cancel)``
+    as the task under ``key``, disabled while it runs; then ``follow(key, status)``."""
+    running = key in st.session_state and not st.session_state[key].done
+    if where.button(button, type="primary", disabled=running, key=f"{key}.start"):
+        st.session_state[key] = Task(fn)
+        st.rerun()
+    return follow(key, status)
 
 
 def follow(key: str, label: str) -> Task | None:

@@ -13,7 +13,7 @@ import streamlit as st
 
 from app import charts, jobs, storage, ui
 from app.panels import find_batch_panel, gib, numerical_cost_panel, percent
-from app.tasks import follow, follow_job, start
+from app.tasks import follow_job, task_button
 from engine import frontier, models, pitfall, predict, timeline
 from engine.config import (CKPT_POLICIES, GIB, OPTIMIZERS, PRECISIONS, BenchConfig, ConfigError, cuda_device_count,
                            device_capacity_bytes, resolve_device)
@@ -166,11 +166,9 @@ def timeline_tab(config: BenchConfig) -> None:
     overlay = left.selectbox("Overlay a second configuration", list(OVERLAYS), index=list(OVERLAYS).index(default),
                              key="decide.timeline.overlay")
     configs = [config] + ([config.replace(**OVERLAYS[overlay])] if OVERLAYS[overlay] else [])
-    running = "decide.timeline" in st.session_state and not st.session_state["decide.timeline"].done
-    if right.button("Record timeline", type="primary", disabled=running):
-        start("decide.timeline", lambda progress, cancel: timeline.timelines(configs, cancel=cancel))
-        st.rerun()
-    task = follow("decide.timeline", "Recording one step")
+    task = task_button("decide.timeline", "Record timeline",
+                       lambda progress, cancel: timeline.timelines(configs, cancel=cancel), "Recording one step",
+                       where=right)
     if task is None:
         return
     records = task.value
@@ -183,11 +181,8 @@ def timeline_tab(config: BenchConfig) -> None:
 def pitfall_tab(config: BenchConfig) -> None:
     st.caption("The same step timed two ways: wall clock around each phase without synchronisation, and the "
                "correct timer (CUDA events, one synchronisation per step).")
-    running = "decide.pitfall" in st.session_state and not st.session_state["decide.pitfall"].done
-    if st.button("Time one step both ways", type="primary", disabled=running):
-        start("decide.pitfall", lambda progress, cancel: pitfall.pitfall(config, cancel=cancel))
-        st.rerun()
-    task = follow("decide.pitfall", "Timing")
+    task = task_button("decide.pitfall", "Time one step both ways",
+                       lambda progress, cancel: pitfall.pitfall(config, cancel=cancel), "Timing")
     if task is None:
         return
     report = task.value
