@@ -246,7 +246,7 @@ def _second_config(args, changes: list[str]):
 
 
 def _cmd_timeline(args) -> int:
-    from .timeline import phase_peaks, timelines
+    from .timeline import timelines
 
     configs = [config_from_args(args)]
     if args.vs:
@@ -254,20 +254,32 @@ def _cmd_timeline(args) -> int:
     print("recording one step of " + " and of ".join(frontier.config_words(c.to_dict()) for c in configs), file=sys.stderr)
     if len({c.device for c in configs}) > 1:
         raise CLIError("--vs: both timelines run on one device; overlay other settings, not the device")
-    try:
-        records = timelines(configs)
-    except IsolatedRunError as exc:
-        print(f"{exc.status}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        _emit_json(records)
-        return 0
+    return _isolated_answer(args, lambda: timelines(configs), _print_timelines)
+
+
+def _print_timelines(records: list[dict]) -> None:
+    from .timeline import phase_peaks
+
     for record in records:
         print(f"{frontier.config_words(record['config'])}: peak {_gib(record['peak_bytes'])} in "
               f"{record['peak_phase']} at {record['peak_ms']:.1f} ms; before the step {_gib(record['baseline_bytes'])}")
         print(_table(("phase", "ms", "max", "min"), [
             (r["phase"], f"{r['ms']:.1f}", _gib(r["max_bytes"]), _gib(r["min_bytes"])) for r in phase_peaks(record)]))
         print(f"({record['source']})\n")
+
+
+def _isolated_answer(args, measure, show) -> int:
+    """Run an isolated measurement; print its JSON (--json) or ``show`` it. A failure in the
+    isolated process (oom, error, timeout) is one line on stderr and exit code 1."""
+    try:
+        answer = measure()
+    except IsolatedRunError as exc:
+        print(f"{exc.status}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _emit_json(answer)
+    else:
+        show(answer)
     return 0
 
 
@@ -276,18 +288,14 @@ def _cmd_pitfall(args) -> int:
     from .pitfall import PHASE_KEYS, pitfall
 
     config = config_from_args(args)
-    try:
-        report = pitfall(config)
-    except IsolatedRunError as exc:
-        print(f"{exc.status}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        _emit_json(report)
-        return 0
-    print(_table(("phase", "naive wall clock (ms)", f"{report['correct_method']} (ms)"), [
-        (key[:-3], f"{report['naive'][key]['median']:.2f}", f"{report['correct'][key]['median']:.2f}") for key in PHASE_KEYS]))
-    print(report["message"])
-    return 0
+
+    def show(report: dict) -> None:
+        print(_table(("phase", "naive wall clock (ms)", f"{report['correct_method']} (ms)"), [
+            (key[:-3], f"{report['naive'][key]['median']:.2f}", f"{report['correct'][key]['median']:.2f}")
+            for key in PHASE_KEYS]))
+        print(report["message"])
+
+    return _isolated_answer(args, lambda: pitfall(config), show)
 
 
 # ------------------------------------------------------------------------- registration

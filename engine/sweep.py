@@ -78,14 +78,14 @@ def run_sweep(
     results: list[dict] = []
     count = len(configs)
     for index, config in enumerate(configs, start=1):
-        forward = None
-        if progress is not None:
-            def forward(event: dict, index: int = index) -> None:
-                progress({**event, "index": index, "count": count})
+        def forward(event: dict, index: int = index) -> None:
+            progress({**event, "index": index, "count": count})
+
+        on_progress = forward if progress is not None else None
         if worker is None:
-            result = run_isolated(config, forward, cancel, sweep_id)
+            result = run_isolated(config, on_progress, cancel, sweep_id)
         else:
-            result = worker.run(config, forward, cancel, sweep_id)
+            result = worker.run(config, on_progress, cancel, sweep_id)
         results.append(result)
         if on_result is not None:
             on_result(result)
