@@ -11,8 +11,11 @@ from __future__ import annotations
 from typing import Callable
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
+from engine import frontier as _frontier
 from engine import models
+from engine import numerics as _numerics
 from engine.config import GIB
 from engine.results import BREAKDOWN_KEYS
 
@@ -408,13 +411,9 @@ def presentation_layout(fig: go.Figure, scale: float = 1.5) -> go.Figure:
 
 
 # ---- Decision figures ----
-# Figures of the decision page (app/pages/decide.py): batch-finder trials, memory prediction,
+# Figures of the decision page (app/views/decide.py): batch-finder trials, memory prediction,
 # frontier and recommendation, memory timeline, timing pitfall, numerical cost. Same rules
 # as the builders above: pure functions of engine outputs, tested on ``fig.to_dict()``.
-from plotly.subplots import make_subplots  # noqa: E402 - this section is appended to the module
-
-from engine import frontier as _frontier  # noqa: E402
-from engine import numerics as _numerics  # noqa: E402
 
 FINDER_TITLE = "Batch finder trials"
 PREDICTION_TITLE = "Memory prediction"

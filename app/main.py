@@ -1,7 +1,9 @@
 """Tradeoff Lab dashboard: ``streamlit run app/main.py``.
 
 The entry point only sets up the page and the navigation; every page is its own file under
-app/pages/. The decision page (app/pages/decide.py) joins the navigation when it exists.
+app/views/. Not app/pages/: Streamlit treats a folder of that name beside the entry point as
+its older multipage app, and a fresh server then runs a page linked by URL (e.g. /compare)
+on its own, without this navigation, page config or sidebar.
 """
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import streamlit as st  # noqa: E402
 
 from app import ui  # noqa: E402
 
-PAGES = Path(__file__).parent / "pages"
+VIEWS = Path(__file__).parent / "views"
 
 st.set_page_config(
     page_title="Tradeoff Lab",
@@ -26,14 +28,12 @@ st.set_page_config(
 )
 
 pages = [
-    st.Page(PAGES / "run.py", title="Run", icon=":material/play_arrow:", default=True),
-    st.Page(PAGES / "compare.py", title="Compare", icon=":material/bar_chart:"),
-    st.Page(PAGES / "results.py", title="Results", icon=":material/table:"),
-    st.Page(PAGES / "device.py", title="Device", icon=":material/memory:"),
+    st.Page(VIEWS / "run.py", title="Run", icon=":material/play_arrow:", default=True),
+    st.Page(VIEWS / "compare.py", title="Compare", icon=":material/bar_chart:"),
+    st.Page(VIEWS / "decide.py", title="Decide", icon=":material/lightbulb:"),
+    st.Page(VIEWS / "results.py", title="Results", icon=":material/table:"),
+    st.Page(VIEWS / "device.py", title="Device", icon=":material/memory:"),
 ]
-if (PAGES / "decide.py").exists():
-    pages.insert(2, st.Page(PAGES / "decide.py", title="Decide", icon=":material/lightbulb:"))
-
 page = st.navigation(pages)
 with st.sidebar:
     st.toggle("Presentation mode", key=ui.PRESENTATION_KEY, help="Larger fonts and charts, sidebar collapsed: for a projector.")

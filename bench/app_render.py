@@ -71,7 +71,7 @@ def script_times(repeats: int) -> dict[str, list[float]]:
     for name, (path, _, _) in PAGES.items():
         at = AppTest.from_file(os.path.join(ROOT, "app", "main.py"), default_timeout=120)
         at.run()
-        at.switch_page(f"pages/{path}.py").run()  # warm-up: imports, caches
+        at.switch_page(f"views/{path}.py").run()  # warm-up: imports, caches
         assert not at.exception, [e.value for e in at.exception]
         samples = []
         for _ in range(repeats):

@@ -73,7 +73,7 @@ def app_db(tmp_path, monkeypatch) -> Store:
 
 
 def open_app(page: str | None = None, query: dict | None = None) -> AppTest:
-    """Run the app once (on ``page``, e.g. "pages/compare.py", if given) and return the AppTest."""
+    """Run the app once (on ``page``, e.g. "views/compare.py", if given) and return the AppTest."""
     at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT_S)
     at.query_params.update(query or {})
     at.run()

@@ -5,7 +5,7 @@ MAIN_CHARTS = ["Throughput", "Peak memory", "Backward time"]
 
 
 def test_compare_without_runs_says_what_to_do(app_db):
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     assert "No runs stored yet" in at.info[0].value
 
 
@@ -13,7 +13,7 @@ def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
     app_db.add_many(make_sweep("older", batches=(1, 2)))
     latest = make_sweep("latest", batches=(1, 2, 4), oom_batch=4)
     app_db.add_many(latest)
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     assert at.selectbox(key="compare.source").value == "latest"
     assert chart_titles(at)[:5] == MAIN_CHARTS + ["Phase breakdown", "Memory breakdown"]
     assert "Throughput vs batch" in chart_titles(at)
@@ -30,7 +30,7 @@ def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
 def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
     laptop, h100 = make_result(batch=8), make_result(env=H100_ENV, batch=64, precision="bf16")
     app_db.add_many([laptop, h100])
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     assert at.selectbox(key="compare.source").value == "Hand-picked runs"  # no sweep stored
     assert "2 different devices" in at.warning[0].value and "NVIDIA H100 80GB HBM3" in at.warning[0].value
     legend = sorted(t["name"] for t in chart(at, "Throughput")["data"])
@@ -45,7 +45,7 @@ def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
 def test_runs_chosen_on_the_results_page_open_here(app_db):
     runs = make_sweep("s", batches=(1, 2, 4))
     app_db.add_many(runs)
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     at.session_state["compare.ids"] = [runs[0]["id"], runs[2]["id"]]
     at.run()
     assert at.selectbox(key="compare.source").value == "Hand-picked runs"
@@ -59,7 +59,7 @@ def test_numerical_cost_and_energy_sit_beside_the_gains(app_db):
         run["metrics"].update(grad_rel_diff=diff, energy_j_per_sample=joules)
     runs[2]["metrics"].update(loss_scale=32768.0, skipped_steps=1)
     app_db.add_many(runs)
-    at = open_app("pages/compare.py")
+    at = open_app("views/compare.py")
     assert "Numerical cost and energy" in [s.value for s in at.subheader]
     figure = chart(at, "Numerical cost")
     assert figure["data"][0]["y"] == [0.0, 4e-3, 9e-4]
@@ -69,3 +69,17 @@ def test_numerical_cost_and_energy_sit_beside_the_gains(app_db):
     assert bf16["memory saved %"] == 0.0 and bf16["J/sample"] == 0.18  # the fixture's peak ignores precision
     fp16 = table[table["config"].str.contains("fp16")].iloc[0]
     assert (fp16["loss scale"], fp16["skipped steps"]) == (32768.0, 1)
+
+
+def test_presentation_mode_enlarges_fonts_and_charts(app_db):
+    app_db.add_many(make_sweep("s", batches=(1, 2)))
+    at = open_app("views/compare.py")
+    normal = chart(at, "Throughput")["layout"]
+    assert not [h for h in at.get("html") if "font-size" in h.proto.body]
+    # The toggle lives in main.py's sidebar; AppTest lists it on the default page only.
+    at.session_state["presentation"] = True
+    at.run()
+    assert not at.exception
+    big = chart(at, "Throughput")["layout"]
+    assert big["height"] > normal["height"] and big["font"]["size"] > normal.get("font", {}).get("size", 12)
+    assert [h for h in at.get("html") if "font-size" in h.proto.body]

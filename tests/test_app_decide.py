@@ -32,7 +32,7 @@ def wait(at, key: str):
 
 
 def test_empty_store_renders_every_tab(app_db):
-    at = open_app("pages/decide.py")
+    at = open_app("views/decide.py")
     assert at.title[0].value == "Decide"
     assert [t.label for t in at.tabs] == ["Find batch size", "Predict memory", "Recommend", "Memory timeline",
                                           "Timing pitfall", "Numerical cost"]
@@ -46,7 +46,7 @@ def test_stored_runs_give_an_answer_in_words_and_the_frontier(app_db):
         r["config"]["device"] = "auto"  # recorded elsewhere: no cuda device to validate here
         r["metrics"]["grad_rel_diff"] = 0.0 if r["config"]["precision"] == "fp32" else 4e-3
     app_db.add_many(runs)
-    at = open_app("pages/decide.py")
+    at = open_app("views/decide.py")
     at.number_input(key="decide.rec.effective").set_value(2).run()
     at.number_input(key="decide.rec.budget").set_value(80.0).run()
     [answer] = at.success
@@ -58,7 +58,7 @@ def test_stored_runs_give_an_answer_in_words_and_the_frontier(app_db):
 
 
 def test_tools_measure_a_tiny_cpu_config_from_the_page(app_db):
-    at = tiny_settings(open_app("pages/decide.py"))
+    at = tiny_settings(open_app("views/decide.py"))
     at.number_input(key="decide.find.max").set_value(2).run()
     click(at, "Find batch size")
     report = wait(at, "decide.find").value

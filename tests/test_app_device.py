@@ -8,7 +8,7 @@ def test_without_a_gpu_the_page_says_so_and_names_the_cpu(app_db, monkeypatch):
     monkeypatch.setattr(devices, "list_gpus", lambda: [])
     monkeypatch.setattr(devices, "nvml_message", lambda: "No NVIDIA driver found (NVML: Driver Not Loaded)")
     monkeypatch.setattr(devices, "cpu_name", lambda: "Test CPU 9000")
-    at = open_app("pages/device.py")
+    at = open_app("views/device.py")
     [notice] = at.info
     assert "No NVIDIA driver found" in notice.value and "Test CPU 9000" in notice.value
     assert not at.metric
@@ -19,7 +19,7 @@ def test_gpus_are_listed_with_memory_utilisation_temperature_and_power(app_db, m
            "utilization_pct": 97, "temperature_c": 61, "power_w": 612.4, "driver": "570.86", "cuda": "12.8"}
     monkeypatch.setattr(devices, "list_gpus", lambda: [gpu])
     monkeypatch.setattr(devices, "default_device", lambda: "cuda")
-    at = open_app("pages/device.py")
+    at = open_app("views/device.py")
     assert at.subheader[0].value == "GPU 0: NVIDIA H100 80GB HBM3"
     assert [m.value for m in at.metric] == ["20.0 / 80.0 GiB", "97 %", "61 °C", "612 W"]
     assert at.get("progress")[0].value == 25

@@ -22,7 +22,7 @@ def messages(at) -> tuple[list[str], list[str]]:
 
 def test_results_page_lists_runs_with_status_and_key_metrics(app_db):
     app_db.add_many(make_sweep(batches=(1, 2), oom_batch=2))
-    at = open_app("pages/results.py")
+    at = open_app("views/results.py")
     table = at.dataframe[0].value
     assert len(table) == 4
     assert {"status", "model", "device", "tokens/s", "peak GiB", "backward ms"} <= set(table.columns)
@@ -33,7 +33,7 @@ def test_results_page_lists_runs_with_status_and_key_metrics(app_db):
 
 def test_import_a_good_bundle_then_again_counts_duplicates(app_db):
     bundle = dumps_jsonl(make_sweep(batches=(1, 2, 4), precisions=("fp32",))).encode()
-    at = upload(open_app("pages/results.py"), ("team.jsonl", bundle))
+    at = upload(open_app("views/results.py"), ("team.jsonl", bundle))
     assert messages(at) == (["team.jsonl: imported 3 run(s), skipped 0 already stored (same id)."], [])
     assert app_db.count() == 3 and len(at.dataframe[0].value) == 3
     at = upload(at, ("team-copy.jsonl", bundle))
@@ -44,7 +44,7 @@ def test_import_a_good_bundle_then_again_counts_duplicates(app_db):
 def test_a_corrupt_file_imports_nothing_and_says_why(app_db):
     good = dumps_jsonl(make_sweep(batches=(1,), precisions=("fp32",)))
     corrupt = (good + '{"schema": "tradeoff-lab/result/v1", "id": \n').encode()  # a valid line, then a broken one
-    at = upload(open_app("pages/results.py"), ("broken.jsonl", corrupt), ("binary.json", b"\xff\xfe\x00junk"))
+    at = upload(open_app("views/results.py"), ("broken.jsonl", corrupt), ("binary.json", b"\xff\xfe\x00junk"))
     successes, errors = messages(at)
     assert not successes and len(errors) == 2
     assert errors[0].startswith("broken.jsonl: line 2: not valid JSON") and "nothing from broken.jsonl was imported" in errors[0]
@@ -57,7 +57,7 @@ def test_a_wrong_version_bundle_imports_nothing(app_db):
     results = make_sweep(batches=(1, 2), precisions=("fp32",))
     lines = [json.dumps(r) for r in results]
     lines[1] = json.dumps({**results[1], "schema": "tradeoff-lab/result/v2"})
-    at = upload(open_app("pages/results.py"), ("future.jsonl", "\n".join(lines).encode()))
+    at = upload(open_app("views/results.py"), ("future.jsonl", "\n".join(lines).encode()))
     [error] = messages(at)[1]
     assert "future.jsonl: line 2: unsupported schema 'tradeoff-lab/result/v2'" in error
     assert app_db.count() == 0
@@ -66,7 +66,7 @@ def test_a_wrong_version_bundle_imports_nothing(app_db):
 def test_load_demo_data_puts_real_recorded_runs_in_the_store(app_db):
     demo = [r for path in sorted(storage.DEMO_DIR.glob("*.jsonl")) for r in parse_results(path.read_text(), path.name)]
     assert demo and all(r["env"]["device_type"] == "cpu" for r in demo)  # labelled with where they ran
-    at = click(open_app("pages/results.py"), "Load demo data")
+    at = click(open_app("views/results.py"), "Load demo data")
     assert app_db.count() == len(demo)
     assert "imported" in messages(at)[0][0]
     click(at, "Load demo data")

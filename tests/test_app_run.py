@@ -105,8 +105,8 @@ def test_query_parameters_round_trip(app_db):
     assert at.query_params["batch"] == "16"
     assert "batch=16" in at.code[0].value and "model=gpt-small" in at.code[0].value
     # The settings survive a visit to another page.
-    at.switch_page("pages/compare.py").run()
-    at.switch_page("pages/run.py").run()
+    at.switch_page("views/compare.py").run()
+    at.switch_page("views/run.py").run()
     assert at.number_input(key="run.batch").value == 16 and at.selectbox(key="run.model").value == "gpt-small"
 
 
@@ -169,3 +169,10 @@ def test_find_batch_size_from_the_run_page_shows_the_trials(app_db):
     assert [m.value for m in at.metric if m.label == "Largest micro-batch that fits"] == ["2"]
     assert "Batch finder trials" in chart_titles(at)
     assert len(app_db.list()) == 2  # every trial is a stored run
+
+
+def test_the_presentation_toggle_is_in_the_sidebar(app_db):
+    at = open_app()
+    [toggle] = [t for t in at.sidebar.toggle if t.label == "Presentation mode"]
+    toggle.set_value(True).run()
+    assert at.session_state["presentation"] is True and not at.exception

@@ -34,3 +34,9 @@ def test_setup_never_asks_for_an_unpinned_torch_first():
     for marker in ("<!-- start-command -->", "<!-- test-command -->"):
         command = _readme_command(marker)
         assert command.index("torch==2.13.0") < command.index("requirements.txt")
+
+
+def test_no_streamlit_pages_folder_beside_the_entry_point():
+    # A folder named pages/ beside app/main.py is Streamlit's older multipage app: a fresh
+    # server then runs a linked page (/compare) alone, without main.py's navigation and sidebar.
+    assert not os.path.exists(os.path.join(ROOT, "app", "pages"))

@@ -84,7 +84,7 @@ report.download_button("HTML report", lambda: exports.report_html(chosen), file_
                        mime="text/html", on_click="ignore", icon=":material/download:")
 if compare.button("Compare", disabled=not selected, help="Open the selected runs on the Compare page."):
     st.session_state["compare.ids"] = [r["id"] for r in selected]
-    st.switch_page("pages/compare.py")
+    st.switch_page("views/compare.py")
 with delete.popover("Delete", disabled=not selected, icon=":material/delete:"):
     st.write(f"Delete {len(selected)} run(s) from the store? This cannot be undone.")
     if st.button("Delete for good", type="primary"):
