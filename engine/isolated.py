@@ -8,8 +8,8 @@ never run while a benchmark is timing the device. A fresh process per call also 
 timeline an empty allocator to start from. The price is the start-up (importing torch,
 a few seconds), acceptable for these one-off measurements.
 
-``build_step`` builds a config's training step exactly as ``measure.run_benchmark`` does,
-so every decision tool measures the one training-step code path of ``engine/step.py``.
+Every decision tool builds its step with ``step.build_step``, as ``measure.run_benchmark``
+does, so all of them measure the one training-step code path of ``engine/step.py``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Callable
 
-from .config import BenchConfig, resolve_device
+from .config import resolve_device
 from .devicelock import device_queue
 from .results import classify_exception
 
@@ -35,21 +35,6 @@ class IsolatedRunError(RuntimeError):
     def __init__(self, status: str, message: str):
         super().__init__(message)
         self.status = status
-
-
-def build_step(config: BenchConfig):
-    """The config's ``TrainingStep`` on its device: seeded, parameters created on the
-    device, batches made there (as ``measure.run_benchmark`` builds it)."""
-    import torch
-
-    from . import models
-    from .step import TrainingStep
-
-    device = torch.device(resolve_device(config.device))
-    torch.manual_seed(config.seed)
-    with torch.device(device):
-        model, make_batch = models.build(config.model, config.overrides)
-    return TrainingStep(model, make_batch, config, device)
 
 
 def _child(conn, func: Callable, args: tuple) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 
 from .config import BenchConfig
-from .isolated import build_step
 from .results import is_oom
+from .step import build_step
 
 BASELINE = {"precision": "fp32", "ckpt": "none"}
 

@@ -16,9 +16,9 @@ Steps alternate between the two timers, so drift (clocks, thermals) hits both al
 from __future__ import annotations
 
 from .config import BenchConfig
-from .isolated import build_step, call_isolated
+from .isolated import call_isolated
 from .stats import Summary
-from .step import PerfCounterTimer, make_timer
+from .step import PerfCounterTimer, build_step, make_timer
 
 PHASE_KEYS = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms")
 

@@ -22,8 +22,8 @@ import time
 import weakref
 
 from .config import BenchConfig
-from .isolated import build_step, call_isolated
-from .step import PhaseTimer
+from .isolated import call_isolated
+from .step import PhaseTimer, build_step
 
 
 class _MarkRecorder(PhaseTimer):

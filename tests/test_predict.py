@@ -6,7 +6,7 @@ import pytest
 
 from engine import cli, memory, models, predict
 from engine.config import GIB, BenchConfig
-from engine.isolated import build_step
+from engine.step import build_step
 from tests.app_fixtures import CPU_ENV, make_result
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}

@@ -5,7 +5,8 @@ import pytest
 
 from engine import cli, memory
 from engine.config import BenchConfig
-from engine.isolated import IsolatedRunError, build_step
+from engine.isolated import IsolatedRunError
+from engine.step import build_step
 from engine.timeline import phase_peaks, record_timeline, timelines
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
