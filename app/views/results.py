@@ -18,7 +18,7 @@ with upload_column:
                                accept_multiple_files=True, key="results.upload")
 with demo_column:
     st.write("")
-    load_demo = st.button("Load demo data", help="Real recorded runs of gpt-tiny (batch × precision × checkpointing).")
+    load_demo = st.button("Load demo data", help="Real runs of gpt-tiny (batch × precision × checkpointing) recorded on a CPU; see app/demo/README.md.")
 
 # An uploaded file stays in the widget across reruns; import each one once.
 imported = st.session_state.setdefault("results.imported_files", set())
