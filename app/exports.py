@@ -10,9 +10,9 @@ import html
 import json
 from datetime import datetime, timezone
 
-from engine.results import ENV_KEYS, dumps_jsonl
+from engine.results import Result, dumps_jsonl
 
-from . import charts
+from .charts import runs as run_charts
 from .tables import runs_frame
 
 REPORT_TEMPLATE = "plotly_white"
@@ -28,29 +28,24 @@ pre { background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.75rem; 
 """
 
 
-def bundle_bytes(results: list[dict]) -> bytes:
+def bundle_bytes(results: list[Result]) -> bytes:
     """The runs as a JSON Lines bundle (what the Results page imports)."""
     return dumps_jsonl(results).encode("utf-8")
 
 
-def csv_bytes(results: list[dict]) -> bytes:
+def csv_bytes(results: list[Result]) -> bytes:
     """The runs table (status, config, key metrics) as CSV."""
     return runs_frame(results).to_csv(index=False).encode("utf-8")
 
 
-def report_figures(results: list[dict]) -> list:
+def report_figures(results: list[Result]) -> list:
     """The figures of a report: the three main charts, both breakdowns and, for a sweep,
     throughput against the first swept field."""
-    figures = [
-        charts.build_throughput(results),
-        charts.build_peak_memory(results),
-        charts.build_backward_time(results),
-        charts.build_phase_breakdown(results),
-        charts.build_memory_breakdown(results),
-    ]
-    swept = charts.sweep_fields(results)
+    figures = [build(results) for build in run_charts.MAIN_CHARTS]
+    figures += [run_charts.build_phase_breakdown(results), run_charts.build_memory_breakdown(results)]
+    swept = run_charts.sweep_fields(results)
     if swept:
-        figures.append(charts.build_sweep_lines(results, swept[0], "throughput"))
+        figures.append(run_charts.build_sweep_lines(results, swept[0], "throughput"))
     return figures
 
 
@@ -65,7 +60,7 @@ def _table(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def report_html(results: list[dict], title: str = "Tradeoff Lab report") -> str:
+def report_html(results: list[Result], title: str = "Tradeoff Lab report") -> str:
     """A standalone HTML page: interactive charts, the runs table, configs, environments and
     the raw results."""
     figures = report_figures(results)
@@ -78,11 +73,10 @@ def report_html(results: list[dict], title: str = "Tradeoff Lab report") -> str:
             config={"displaylogo": False, "responsive": True})
         for i, fig in enumerate(figures)
     ]
-    labels = charts.run_labels(results)
-    configs = [{"run": label, "id": r["id"], "status": r["status"],
-                "config": json.dumps(r["config"], sort_keys=True)} for label, r in zip(labels, results)]
-    environments = {json.dumps([r.get("env", {}).get(k) for k in ENV_KEYS]): r.get("env", {}) for r in results}
-    env_rows = [{key: env.get(key) for key in ENV_KEYS} for env in environments.values()]
+    labels = run_charts.run_labels(results)
+    configs = [{"run": label, "id": r.id, "status": r.status,
+                "config": json.dumps(r.config.to_dict(), sort_keys=True)} for label, r in zip(labels, results)]
+    env_rows = [env.to_dict() for env in dict.fromkeys(r.env for r in results)]  # each environment once
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -90,7 +84,7 @@ def report_html(results: list[dict], title: str = "Tradeoff Lab report") -> str:
 <body>
 <h1>{html.escape(title)}</h1>
 <p>{len(results)} runs, generated {generated} by Tradeoff Lab. Environments: {html.escape(", ".join(
-        sorted({charts.device_name(r) for r in results})))}.</p>
+        sorted({r.env.label for r in results})))}.</p>
 <div class="row" style="--columns: 3">{"".join(f"<div>{div}</div>" for div in chart_divs[:3])}</div>
 <div class="row" style="--columns: 2">{"".join(f"<div>{div}</div>" for div in chart_divs[3:5])}</div>
 <div class="row" style="--columns: 1">{"".join(f"<div>{div}</div>" for div in chart_divs[5:])}</div>

@@ -16,10 +16,12 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from app import ui  # noqa: E402
+from app import params, ui  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"
 
+# A link with present=1 opens in presentation mode (once per session; the toggle decides after).
+st.session_state.setdefault(ui.PRESENTATION_KEY, st.query_params.get(params.PRESENT) == "1")
 st.set_page_config(
     page_title="Tradeoff Lab",
     page_icon=":material/speed:",

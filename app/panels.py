@@ -5,10 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import charts, ui
-from app.tasks import task_button
-from engine import finder, frontier, numerics
+from app import ui
+from app.charts import decisions
+from app.tasks import Task, task_button
+from engine import finder, numerics
 from engine.config import GIB, BenchConfig
+from engine.results import Result
 from engine.store import Store
 
 
@@ -30,12 +32,15 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     left, middle, right = st.columns(3)
     max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key=f"{key}.max")
     limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key=f"{key}.limit")
-    task = task_button(key, "Find batch size", lambda progress, cancel: finder.find_batch(
-        config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit), progress=progress,
-        on_result=store.add, cancel=cancel), "Finding the batch size", where=right)
-    if task is None:
+
+    def find(progress, on_result, cancel) -> dict:
+        return finder.find_batch(config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit),
+                                 progress=progress, on_result=on_result, cancel=cancel)
+
+    state = task_button(key, "Find batch size", lambda: Task("Finding the batch size", find, store), where=right)
+    if state is None or not state.succeeded:
         return
-    report = task.value
+    report = state.value
     columns = st.columns(3)
     largest = report["max_batch"]
     columns[0].metric("Largest micro-batch that fits", "none" if largest is None else
@@ -45,11 +50,11 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
                       help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
     if report["stopped"]:
         st.warning(f"Stopped early: {report['stopped']}")
-    ui.show_chart(charts.build_finder_trials(report), key=f"{key}.chart")
+    ui.show_chart(decisions.build_finder_trials(report), key=f"{key}.chart")
     st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
 
 
-def numerical_cost_panel(runs: list[dict], key: str) -> None:
+def numerical_cost_panel(runs: list[Result], key: str) -> None:
     """What each saving costs: grad_rel_diff against the fp32 / no-checkpointing baseline,
     beside its speed-up and memory saving, fp16 loss scale, skipped steps and energy."""
     rows = numerics.cost_rows(runs)
@@ -61,11 +66,11 @@ def numerical_cost_panel(runs: list[dict], key: str) -> None:
                "(same batch and accumulation), fp16 loss scale, skipped steps and energy (where NVML reports it; "
                "empty means unknown).")
     if any(r["grad_rel_diff"] is not None for r in rows):
-        ui.show_chart(charts.build_numerical_cost(runs), key=f"{key}.chart")
+        ui.show_chart(decisions.build_numerical_cost(rows, runs), key=f"{key}.chart")
     else:
         st.info("None of these runs has a gradient difference (runs recorded before the engine measured it).")
     st.dataframe(pd.DataFrame([{
-        "config": frontier.config_words(r["config"]), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
+        "config": r["config"].describe(with_model=False), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
         "peak": gib(r["peak_allocated_bytes"]), "memory saved %": percent(r["memory_saving"]),
         "grad_rel_diff": r["grad_rel_diff"], "loss scale": r["loss_scale"], "skipped steps": r["skipped_steps"],
         "J/sample": r["energy_j_per_sample"],

@@ -1,57 +1,97 @@
-"""The Run page's settings <-> URL query parameters (the "share a link" contract).
+"""The configuration <-> URL query parameters (the "share a link" contract).
 
-Only ``model, batch, accum, precision, ckpt, k, optimizer, steps`` travel in a link. A value
-that does not parse or that BenchConfig rejects is dropped with a warning, so a mistyped or
-stale link opens the page with the default instead of an error page. ``model`` must name a
-built-in preset: a link is untrusted input and must never make the app import a module.
+Generated from the config's field declarations: every scalar field travels under its name
+(``batch``, ``warmup``, ``memory_cap_gib``...) and every model dimension under its ``--set``
+key (``seq_len``, ``n_layers``...), so a new field needs no edit here. A value that does not
+parse, or that BenchConfig rejects, is dropped with a warning naming the parameter, the value
+and what is allowed, so a mistyped or stale link opens the page with the default instead of
+an error page. ``model`` must name a built-in preset: a link is untrusted input and must
+never make the app import a module.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-from engine import models
-from engine.config import BenchConfig, ConfigError
+from engine import presets
+from engine.config import FIELDS_BY_NAME, SCALAR_FIELDS, BenchConfig, ConfigError, ConfigField, parse_override
 
-QUERY_FIELDS = ("model", "batch", "accum", "precision", "ckpt", "k", "optimizer", "steps")
-DEFAULTS = {name: getattr(BenchConfig(), name) for name in QUERY_FIELDS}
-_INT_FIELDS = {"batch", "accum", "k", "steps"}
+# Presentation mode travels as present=1.
+PRESENT = "present"
 
 
-def _parse(name: str, raw: str):
+def _parse(field: ConfigField, raw: str, choices: Mapping[str, list]) -> object:
     """The typed value of one parameter; raises ValueError or ConfigError when it is invalid."""
-    if name == "model" and raw not in models.PRESETS:
-        # Checked before BenchConfig sees it: BenchConfig would import a module:function.
-        raise ValueError(f"not a built-in model; a link can only name one of {', '.join(models.PRESETS)}")
-    value = raw
-    if name in _INT_FIELDS:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("not a whole number") from None
-    BenchConfig(**{name: value})  # the engine's own validation and message
+    if field.name == "model" and raw not in presets.PRESETS:
+        # Checked before BenchConfig sees it: a module:function is never taken from a link.
+        raise ValueError(f"not a built-in model; a link can only name one of {', '.join(presets.PRESETS)}")
+    value = field.parse(raw)
+    if field.name in choices and value not in choices[field.name]:
+        raise ConfigError(field.name, raw, ", ".join(choices[field.name]))
+    BenchConfig(**{field.name: value})  # the engine's own validation and message
     return value
 
 
-def parse_query_params(params: Mapping[str, str | list[str]]) -> tuple[dict, list[str]]:
-    """Valid settings found in ``params`` and one warning per invalid one (others are ignored)."""
-    settings, warnings = {}, []
-    for name in QUERY_FIELDS:
-        if name not in params:
-            continue
-        raw = params[name]
-        raw = raw[-1] if isinstance(raw, list) else raw  # a repeated parameter: the last wins
+def _last(raw: str | list[str]) -> str:
+    return raw[-1] if isinstance(raw, list) else raw  # a repeated parameter: the last wins
+
+
+def _ignored(name: str, raw: str, problem: Exception, default) -> str:
+    why = f"allowed: {problem.allowed}" if isinstance(problem, ConfigError) else str(problem)
+    return f"Link parameter {name}={raw!r} ignored ({why}); using {default!r}."
+
+
+def _dimensions(model: str, params: Mapping, warnings: list[str]) -> dict[str, int]:
+    """The model dimensions in ``params`` that ``model`` has, each valid and all valid together."""
+    family, dims = presets.preset_dims(model)
+    raws = {name: _last(params[name]) for name in presets.dimension_names() if name in params}
+    overrides = {}
+    for name, raw in raws.items():
         try:
-            settings[name] = _parse(name, raw)
+            if name not in dims:
+                raise ConfigError(name, raw, f"a dimension of {model} ({family}): {', '.join(dims)}")
+            overrides[name] = parse_override(name, raw)
         except ConfigError as exc:
-            warnings.append(f"Link parameter {name}={raw!r} ignored (allowed: {exc.allowed}); using {DEFAULTS[name]!r}.")
-        except ValueError as exc:
-            warnings.append(f"Link parameter {name}={raw!r} ignored ({exc}); using {DEFAULTS[name]!r}.")
+            warnings.append(_ignored(name, raw, exc, dims.get(name)))
+    # Checked together: some limits are between dimensions (n_heads must divide d_model).
+    while overrides:
+        try:
+            BenchConfig(model=model, overrides=overrides)
+            break
+        except ConfigError as exc:
+            name = exc.field.removeprefix("overrides.")
+            culprit = name if name in overrides else list(overrides)[-1]
+            warnings.append(_ignored(culprit, raws[culprit], exc, dims[culprit]))
+            del overrides[culprit]
+    return overrides
+
+
+def parse_query_params(params: Mapping[str, str | list[str]],
+                       choices: Mapping[str, list] | None = None) -> tuple[dict, list[str]]:
+    """Valid settings found in ``params`` (BenchConfig fields; model dimensions under
+    ``overrides``) and one warning per invalid one; other parameters are ignored.
+
+    ``choices`` narrows fields to what this machine offers (e.g. the devices present).
+    """
+    settings, warnings = {}, []
+    for field in SCALAR_FIELDS:
+        if field.name not in params:
+            continue
+        raw = _last(params[field.name])
+        try:
+            settings[field.name] = _parse(field, raw, choices or {})
+        except (ConfigError, ValueError) as exc:
+            warnings.append(_ignored(field.name, raw, exc, field.default))
+    overrides = _dimensions(settings.get("model", FIELDS_BY_NAME["model"].default), params, warnings)
+    if overrides:
+        settings["overrides"] = overrides
     return settings, warnings
 
 
-def to_query_params(settings: Mapping) -> dict[str, str]:
-    """The query parameters for ``settings`` (a user's module:function model is never put in a link)."""
-    params = {name: str(settings[name]) for name in QUERY_FIELDS if name in settings}
-    if params.get("model") not in models.PRESETS:
-        params.pop("model", None)
-    return params
+def to_query_params(config: BenchConfig) -> dict[str, str]:
+    """The query parameters of ``config``: every scalar field and each changed model dimension.
+    A user's module:function model is never put in a link."""
+    link = {field.name: field.format(getattr(config, field.name)) for field in SCALAR_FIELDS}
+    if presets.is_user_model(config.model):
+        del link["model"]
+    link.update({name: str(value) for name, value in config.overrides.items()})
+    return link

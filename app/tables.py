@@ -3,41 +3,44 @@ from __future__ import annotations
 
 import pandas as pd
 
-from engine.config import GIB
+from engine.config import GIB, BenchConfig
+from engine.results import Result
 
-from .charts import device_name, field_value
+from .charts.runs import field_value
 
 # Column name -> how to read it from a result; units live in the names, as in the schema.
 _COLUMNS = {
-    "created": lambda r: pd.Timestamp(r["created_at"]),
-    "status": lambda r: r["status"],
-    "model": lambda r: r["config"]["model"],
-    "batch": lambda r: r["config"]["batch"],
-    "accum": lambda r: r["config"]["accum"],
-    "effective batch": lambda r: field_value(r, "effective_batch"),
-    "precision": lambda r: r["config"]["precision"],
+    "created": lambda r: pd.Timestamp(r.created_at),
+    "status": lambda r: r.status,
+    "model": lambda r: r.config.model,
+    "batch": lambda r: r.config.batch,
+    "accum": lambda r: r.config.accum,
+    "effective batch": lambda r: r.metrics.effective_batch,
+    "precision": lambda r: r.config.precision,
     "ckpt": lambda r: field_value(r, "ckpt"),
-    "optimizer": lambda r: r["config"]["optimizer"],
-    "device": device_name,
-    "samples/s": lambda r: r["metrics"]["samples_per_s"],
-    "tokens/s": lambda r: r["metrics"]["tokens_per_s"],
+    "optimizer": lambda r: r.config.optimizer,
+    "device": lambda r: r.env.label,
+    "samples/s": lambda r: r.metrics.samples_per_s,
+    "tokens/s": lambda r: r.metrics.tokens_per_s,
     "step ms": lambda r: _median(r, "step_ms"),
     "forward ms": lambda r: _median(r, "forward_ms"),
     "backward ms": lambda r: _median(r, "backward_ms"),
     "optimizer ms": lambda r: _median(r, "optimizer_ms"),
-    "step noise %": lambda r: _percent((r["metrics"]["step_ms"] or {}).get("iqr_rel")),
-    "peak GiB": lambda r: _gib(r["metrics"]["peak_allocated_bytes"]),
-    "MFU %": lambda r: _percent(r["metrics"]["mfu"]),
-    "sweep": lambda r: (r.get("sweep_id") or "")[:8],
-    "error": lambda r: r["error"] or "",
-    "id": lambda r: r["id"],
+    "step noise %": lambda r: None if r.metrics.step_ms is None else _percent(r.metrics.step_ms.iqr_rel),
+    "peak GiB": lambda r: _gib(r.metrics.peak_allocated_bytes),
+    "MFU %": lambda r: _percent(r.metrics.mfu),
+    "sweep": lambda r: (r.sweep_id or "")[:8],
+    "error": lambda r: r.error or "",
+    "id": lambda r: r.id,
 }
 RUN_COLUMNS = tuple(_COLUMNS)
+METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms", "optimizer ms", "step noise %",
+                  "peak GiB", "MFU %")
 
 
-def _median(result: dict, key: str) -> float | None:
-    summary = result["metrics"][key]
-    return None if summary is None else summary["median"]
+def _median(result: Result, key: str) -> float | None:
+    summary = result.metrics.phase(key)
+    return None if summary is None else summary.median
 
 
 def _percent(value: float | None) -> float | None:
@@ -48,11 +51,7 @@ def _gib(value: int | None) -> float | None:
     return None if value is None else value / GIB
 
 
-METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms", "optimizer ms", "step noise %",
-                  "peak GiB", "MFU %")
-
-
-def runs_frame(results: list[dict]) -> pd.DataFrame:
+def runs_frame(results: list[Result]) -> pd.DataFrame:
     """One row per run with status, config and key metrics; failed runs' metrics are empty (NaN)."""
     frame = pd.DataFrame([{name: read(r) for name, read in _COLUMNS.items()} for r in results], columns=RUN_COLUMNS)
     # Numbers stay numbers (sortable, NaN where unknown) even in a column that is all unknown.
@@ -69,20 +68,20 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
-def diff_runs(a: dict, b: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def diff_runs(a: Result, b: Result) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What changed from run ``a`` to run ``b``: (config and environment changes, metrics).
 
     The metrics table lists every numeric metric with both values and the relative change
     (b / a - 1), empty where a value is missing or ``a`` is zero.
     """
-    settings_a = {**_flatten(a["config"], "config"), **_flatten(a.get("env") or {}, "env")}
-    settings_b = {**_flatten(b["config"], "config"), **_flatten(b.get("env") or {}, "env")}
+    settings_a = {**_flatten(a.config.to_dict(), "config"), **_flatten(a.env.to_dict(), "env")}
+    settings_b = {**_flatten(b.config.to_dict(), "config"), **_flatten(b.env.to_dict(), "env")}
     changes = [
         {"setting": key, "A": str(settings_a.get(key)), "B": str(settings_b.get(key))}
         for key in sorted(set(settings_a) | set(settings_b))
         if settings_a.get(key) != settings_b.get(key)
     ]
-    metrics_a, metrics_b = _flatten(a["metrics"]), _flatten(b["metrics"])
+    metrics_a, metrics_b = _flatten(a.metrics.to_dict()), _flatten(b.metrics.to_dict())
     rows = []
     for key in list(metrics_a) + [k for k in metrics_b if k not in metrics_a]:
         va, vb = metrics_a.get(key), metrics_b.get(key)
@@ -95,24 +94,24 @@ def diff_runs(a: dict, b: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.DataFrame(rows, columns=["metric", "A", "B", "change %"]))
 
 
-def queue_frame(configs: list[dict], results: list[dict], finished: bool, waiting_for_device: bool = False) -> pd.DataFrame:
+def queue_frame(configs: list[BenchConfig], results: list[Result], finished: bool,
+                waiting_for_device: bool = False) -> pd.DataFrame:
     """A sweep's queue: one row per config with the fields that vary, its state and, once
     done, its status and key numbers. Configs run in order, so the first ``len(results)``
     are done and the next one is running (or waiting for the device)."""
-    flat = [_flatten(c) for c in configs]
+    flat = [_flatten(c.to_dict()) for c in configs]
     varying = [k for k in flat[0] if len({repr(f.get(k)) for f in flat}) > 1] if len(flat) > 1 else []
+    names = [k.removeprefix("overrides.") for k in varying]
     rows = []
     for i, fields in enumerate(flat):
-        row = {"#": i + 1, **{k.removeprefix("overrides."): fields.get(k) for k in varying}}
+        row = {"#": i + 1, **{name: fields.get(k) for name, k in zip(names, varying)}}
         if i < len(results):
             result = results[i]
-            row.update(state="done", status=result["status"], **{
-                "samples/s": result["metrics"]["samples_per_s"],
-                "peak GiB": _gib(result["metrics"]["peak_allocated_bytes"])})
+            row.update(state="done", status=result.status, **{
+                "samples/s": result.metrics.samples_per_s, "peak GiB": _gib(result.metrics.peak_allocated_bytes)})
         elif i == len(results) and not finished:
             row["state"] = "waiting for the device" if waiting_for_device else "running"
         else:
             row["state"] = "not run" if finished else "waiting"
         rows.append(row)
-    return pd.DataFrame(rows, columns=["#", *(k.removeprefix("overrides.") for k in varying), "state", "status",
-                                       "samples/s", "peak GiB"])
+    return pd.DataFrame(rows, columns=["#", *names, "state", "status", "samples/s", "peak GiB"])

@@ -1,10 +1,16 @@
-"""Streamlit pieces the pages share: presentation mode, chart display, environment notes."""
+"""Streamlit pieces the pages share: presentation mode, chart display, environment notes,
+plain-text messages."""
 from __future__ import annotations
+
+import re
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from . import charts
+from engine.results import Result
+
+from .charts.common import presentation_layout
+from .charts.runs import MAIN_CHARTS, run_labels
 
 PRESENTATION_KEY = "presentation"
 # Bigger type everywhere for a projector; plotly figures are scaled separately.
@@ -13,6 +19,8 @@ _PRESENTATION_CSS = """<style>
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 3.4rem; }
 h1 { font-size: 3.2rem !important; } h2 { font-size: 2.4rem !important; } h3 { font-size: 1.9rem !important; }
 </style>"""
+# Every character Markdown (and Streamlit's :color[...] / :icon: directives) gives a meaning.
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
 
 
 def presenting() -> bool:
@@ -26,24 +34,28 @@ def apply_presentation_css() -> None:
         st.html(_PRESENTATION_CSS)
 
 
+def plain(text: str) -> str:
+    """``text`` escaped so that Streamlit's Markdown shows it as written: for messages that
+    quote what a user or a link typed (a link could otherwise draw images or links)."""
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
 def show_chart(fig: go.Figure, key: str) -> None:
     """Draw a figure, enlarged when presenting."""
-    st.plotly_chart(charts.presentation_layout(fig) if presenting() else fig, key=key,
-                    config={"displaylogo": False})
+    st.plotly_chart(presentation_layout(fig) if presenting() else fig, key=key, config={"displaylogo": False})
 
 
-def three_charts(results: list[dict], key: str) -> None:
+def three_charts(results: list[Result], key: str) -> None:
     """Throughput, Peak memory and Backward time side by side."""
-    builders = (charts.build_throughput, charts.build_peak_memory, charts.build_backward_time)
-    for column, build in zip(st.columns(3), builders):
+    for column, build in zip(st.columns(3), MAIN_CHARTS):
         with column:
             show_chart(build(results), key=f"{key}.{build.__name__}")
 
 
-def environment_note(results: list[dict]) -> None:
+def environment_note(results: list[Result]) -> None:
     """Say which devices measured these runs; warn when they differ, so an H100 run is not
     read as a laptop run (or the other way round)."""
-    devices = sorted({charts.device_name(r) for r in results})
+    devices = sorted({r.env.label for r in results})
     if len(devices) > 1:
         st.warning(f"These runs come from {len(devices)} different devices: {', '.join(devices)}. "
                    "Bars are coloured by device; compare like with like.")
@@ -51,14 +63,14 @@ def environment_note(results: list[dict]) -> None:
         st.caption(f"Measured on: {devices[0]}" if devices else "")
 
 
-def failed_runs_note(results: list[dict]) -> None:
+def failed_runs_note(results: list[Result]) -> None:
     """List failed runs with their status and error; the charts mark them but cannot say why."""
-    failed = [r for r in results if r["status"] != "ok"]
+    failed = [r for r in results if not r.ok]
     if not failed:
         return
-    labels = dict(zip((r["id"] for r in results), charts.run_labels(results)))
+    labels = dict(zip((r.id for r in results), run_labels(results)))
     with st.expander(f"{len(failed)} run(s) did not finish: " + ", ".join(
-            f"{labels[r['id']]} ({r['status'].upper()})" for r in failed)):
+            f"{labels[r.id]} ({r.status.upper()})" for r in failed)):
         for result in failed:
-            st.markdown(f"**{labels[result['id']]}** · {result['status'].upper()} · {charts.device_name(result)}")
-            st.code(result.get("error") or "(no message)", language=None, wrap_lines=True)
+            st.markdown(f"**{labels[result.id]}** · {result.status.upper()} · {result.env.label}")
+            st.code(result.error or "(no message)", language=None, wrap_lines=True)

@@ -18,7 +18,6 @@ object has its real size) under fresh ids, one sweep per copy of the demo set, t
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import signal
 import socket
@@ -56,10 +55,8 @@ def fill(store: Store, n: int) -> None:
     while len(runs) < n:
         sweep_id = uuid.uuid4().hex
         for template in demo[: n - len(runs)]:
-            run = copy.deepcopy(template)
-            run.update(id=uuid.uuid4().hex, sweep_id=sweep_id,
-                       created_at=(start + timedelta(minutes=len(runs))).isoformat())
-            runs.append(run)
+            runs.append(template.replace(id=uuid.uuid4().hex, sweep_id=sweep_id,
+                                         created_at=(start + timedelta(minutes=len(runs))).isoformat()))
     store.add_many(runs)
 
 

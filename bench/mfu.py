@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from engine import BenchConfig  # noqa: E402
 from engine.config import GIB  # noqa: E402
-from engine.envinfo import env_info  # noqa: E402
+from engine.devices import env_info  # noqa: E402
 from engine.flops import peak_tflops  # noqa: E402
 from engine.measure import run_benchmark  # noqa: E402
 
@@ -37,27 +37,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sweep_model(model: str, args: argparse.Namespace, capacity: int) -> dict | None:
-    """Benchmark ``model`` at doubling batches; return the metrics of the best-MFU batch."""
+    """Benchmark ``model`` at doubling batches; return (batch, metrics) of the best-MFU batch."""
     best = None
     batch = args.start_batch
     while batch <= args.max_batch:
         config = BenchConfig(model=model, batch=batch, precision="bf16", warmup=args.warmup, steps=args.steps, device="cuda")
         try:
-            metrics = run_benchmark(config)["metrics"]
+            metrics = run_benchmark(config).metrics
         except torch.OutOfMemoryError:
             print(f"  {model} batch {batch:4d}: out of memory")
             break
-        peak = metrics["peak_reserved_bytes"]
-        mfu = metrics["mfu"]
+        peak = metrics.peak_reserved_bytes
+        mfu = metrics.mfu
         mfu_text = f"{mfu:6.1%}" if mfu is not None else "   n/a"
         print(
-            f"  {model} batch {batch:4d}: step {metrics['step_ms']['median']:8.1f} ms "
-            f"(IQR/median {metrics['step_ms']['iqr_rel']:.1%}), {metrics['tokens_per_s']:10.0f} tokens/s, "
+            f"  {model} batch {batch:4d}: step {metrics.step_ms.median:8.1f} ms "
+            f"(IQR/median {metrics.step_ms.iqr_rel:.1%}), {metrics.tokens_per_s:10.0f} tokens/s, "
             f"MFU {mfu_text}, peak reserved {peak / GIB:6.1f} GiB, "
-            f"{metrics['flops_per_step'] / metrics['step_ms']['median'] / 1e9:7.1f} model TFLOP/s"
+            f"{metrics.flops_per_step / metrics.step_ms.median / 1e9:7.1f} model TFLOP/s"
         )
-        if best is None or (mfu or 0) > (best["mfu"] or 0):
-            best = {**metrics, "batch": batch}
+        if best is None or (mfu or 0) > (best[1].mfu or 0):
+            best = (batch, metrics)
         if 2 * peak > capacity:  # the next doubling cannot fit
             break
         batch *= 2
@@ -80,11 +80,11 @@ def main(argv=None) -> int:
         if best is None:
             print(f"{model}: no batch fits")
             continue
-        mfu = best["mfu"]
+        batch, metrics = best
+        mfu = metrics.mfu
         verdict = "" if mfu is None else (" OK" if mfu >= TARGET else f" below the {TARGET:.0%} target")
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
-        print(f"{model}: best MFU {mfu_text} at batch {best['batch']} "
-              f"({best['tokens_per_s']:.0f} tokens/s){verdict}")
+        print(f"{model}: best MFU {mfu_text} at batch {batch} ({metrics.tokens_per_s:.0f} tokens/s){verdict}")
     return 0
 
 

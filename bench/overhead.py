@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from engine import BenchConfig, checkpointing, models  # noqa: E402
-from engine.config import resolve_device  # noqa: E402
-from engine.envinfo import env_info  # noqa: E402
+from engine import BenchConfig, checkpointing, check_runnable, models  # noqa: E402
+from engine.cli.common import add_config_flags, config_from_args  # noqa: E402
+from engine.devices import env_info, resolve_device  # noqa: E402
 from engine.measure import run_benchmark  # noqa: E402
 
 TARGET = 1.02
@@ -83,17 +83,8 @@ class HandLoop:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gpt-tiny")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model override (repeatable)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--accum", type=int, default=1)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--ckpt", default="none")
-    parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--optimizer", default="adamw")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="measured steps per round and side")
+    add_config_flags(parser)  # the engine's own flags: --steps is measured steps per round and side
+    parser.set_defaults(warmup="5", steps="20")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh models")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
@@ -103,29 +94,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {key: int(value) for key, value in (item.split("=", 1) for item in args.set)}
-    config = BenchConfig(
-        model=args.model, overrides=overrides, batch=args.batch, accum=args.accum, precision=args.precision,
-        ckpt=args.ckpt, k=args.k, optimizer=args.optimizer, warmup=args.warmup, steps=args.steps, device=args.device,
-    )
+    config = config_from_args(args)
+    check_runnable(config)
     device = torch.device(resolve_device(config.device))
     env = env_info(str(device))
     print(f"device: {env['device_name']} ({device}), torch {env['torch']}, cuda {env['cuda']}, threads {torch.get_num_threads()}")
-    print(f"config: {args.model} {overrides or ''} batch {config.batch} accum {config.accum} {config.precision} "
-          f"ckpt {config.ckpt} {config.optimizer}; {args.rounds} rounds x {config.steps} steps (warm-up {config.warmup})")
+    print(f"config: {config.describe()}; {args.rounds} rounds x {config.steps} steps (warm-up {config.warmup})")
     engine_ms: list[float] = []
     hand_ms: list[float] = []
     for round_index in range(args.rounds):
         hand = HandLoop(config, device)
 
-        def after_engine_step(event: dict) -> None:
+        def after_engine_step(event) -> None:
             # Called by the engine right after each measured step has been timed: one
             # hand-loop step here interleaves the two step by step, so load drift on the
             # machine hits both sides alike.
-            if event["phase"] == "measure":
+            if event.phase == "measure":
                 hand_ms.append(hand.timed_step_ms())
 
-        engine_ms += run_benchmark(config, after_engine_step)["samples"]["step_ms"]
+        engine_ms += run_benchmark(config, after_engine_step).samples["step_ms"]
         del hand
         print(f"  round {round_index + 1}: engine {statistics.median(engine_ms):.3f} ms, "
               f"hand loop {statistics.median(hand_ms):.3f} ms (medians so far)")

@@ -32,7 +32,7 @@ def main() -> None:
 
     def progress(event: dict) -> None:
         now = time.perf_counter()
-        phase_s[event["phase"]] += now - last[0]
+        phase_s[event.phase] += now - last[0]
         last[0] = now
 
     def on_result(result: dict) -> None:
@@ -50,10 +50,10 @@ def main() -> None:
     results = run_sweep(configs, progress, on_result)
     wall_s = time.perf_counter() - started
 
-    failed = [r for r in results if r["status"] != "ok"]
+    failed = [r for r in results if not r.ok]
     if failed:
         sys.exit(f"{len(failed)} config(s) failed: {failed[0]['error']}")
-    measured_s = sum(sum(r["samples"]["step_ms"]) / 1000 for r in results)
+    measured_s = sum(sum(r.samples["step_ms"]) / 1000 for r in results)
     queued_s = phase_s.pop("queued", 0.0)
     phase_s["measure"] -= measured_s
     overhead_s = wall_s - queued_s - measured_s

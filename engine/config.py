@@ -1,19 +1,37 @@
-"""The benchmark configuration: one frozen, validated object per run."""
+"""The benchmark configuration: one frozen, validated object per run.
+
+Each field is declared once, below, with its type (``Literal`` for choices), default,
+allowed range, label and help (``setting(...)``). ``CONFIG_FIELDS`` turns those
+declarations into one ``ConfigField`` per field, from which the CLI flags, the dashboard's
+form, the URL query parameters and the sweep axes are generated: adding a field is one edit.
+
+``BenchConfig.__post_init__`` checks values only, so a config stored on a GPU machine
+rebuilds anywhere and importing this module never loads torch. ``check_runnable(config)``
+holds the checks that need this machine (device present, cap within its memory, user model
+importable and honouring the contract); front ends call it just before running.
+"""
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
-from . import models
+from . import devices, presets
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-CKPT_POLICIES = ("none", "full", "every-k", "selective")
-OPTIMIZERS = ("adamw", "sgd")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 GIB = 1024**3
+
+Precision = Literal["fp32", "fp16", "bf16"]
+CkptPolicy = Literal["none", "full", "every-k", "selective"]
+Optimizer = Literal["adamw", "sgd"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Integers beyond int64 cannot be stored in SQLite or handed to torch.
+_INT_LIMIT = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -23,164 +41,112 @@ class ConfigError(ValueError):
         self.field = field_name
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field_name}: invalid value {value!r}; allowed: {allowed}")
+        super().__init__(f"{field_name}: invalid value {_shown(value)}; allowed: {allowed}")
 
 
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, value, f"an integer >= {minimum}")
+def _shown(value: Any) -> str:
+    """``repr`` of a value, cut short: a hostile file may hold a 400-digit number."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"<an integer of {len(str(abs(value)))} digits>"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
-def selective_checkpoint_available() -> bool:
-    """Whether the installed torch has selective activation checkpointing (torch >= 2.4)."""
-    import torch.utils.checkpoint as ckpt
+@dataclass(frozen=True)
+class FieldSpec:
+    """What a config field allows and how front ends present it (dataclass field metadata)."""
 
-    return hasattr(ckpt, "create_selective_checkpoint_contexts")
-
-
-def cuda_device_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def mps_available() -> bool:
-    import torch
-
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend and backend.is_available())
-
-
-def resolve_device(device: str) -> str:
-    """Turn ``auto`` into the best present device; other values pass through."""
-    if device != "auto":
-        return device
-    if cuda_device_count() > 0:
-        return "cuda"
-    return "mps" if mps_available() else "cpu"
+    label: str
+    help: str
+    flag: str | None = None  # the CLI flag; default --<name with dashes>
+    minimum: float | None = None
+    minimum_exclusive: bool = False
+    maximum: float | None = None
+    unit: str = ""  # words after a number in messages ("seconds", "GiB")
+    step: float | None = None  # a form's increment
+    sweep: str = ""  # values a newly picked sweep axis starts with (comma list); empty: not a sweep axis
+    choice_words: dict[str, str] = field(default_factory=dict)  # choice -> how a form shows it
+    applies_when: tuple[str, str] | None = None  # (field, value) under which this field matters
+    check: Callable[["BenchConfig"], None] | None = None  # extra value check of the whole config
+    allowed: str = ""  # what a free-text field allows, in words
 
 
-def device_capacity_bytes(device: str) -> int | None:
-    """Total memory of a resolved device: GPU memory, or physical RAM for CPU; None if unknown."""
-    if device.startswith("cuda"):
-        import torch
+def setting(default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, **spec) -> Any:
+    """A BenchConfig field with its ``FieldSpec``."""
+    kwargs = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
+    return field(metadata={"spec": FieldSpec(**spec)}, **kwargs)
 
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return int(torch.cuda.get_device_properties(index).total_memory)
-    if device == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return None
-    return None
+
+_MODEL_ALLOWED = f"a preset ({', '.join(presets.PRESETS)}) or module:function"
+_DEVICE_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
+
+
+def _check_model(config: "BenchConfig") -> None:
+    """A preset with valid dimension overrides, or a user ``module:function`` without overrides."""
+    model, overrides = config.model, config.overrides
+    allowed = _MODEL_ALLOWED
+    if not isinstance(model, str) or not model or len(model) > 200:
+        raise ConfigError("model", model, allowed)
+    if not isinstance(overrides, dict):
+        raise ConfigError("overrides", overrides, "a mapping of dimension name to integer")
+    if presets.is_user_model(model):
+        module_name, _, func_name = model.partition(":")
+        if not module_name or not func_name:
+            raise ConfigError("model", model, "module:function with both parts, e.g. mypkg.models:build")
+        if overrides:
+            raise ConfigError("overrides", overrides, "no overrides for a module:function model (configure it in your build function)")
+        return
+    if model not in presets.PRESETS:
+        raise ConfigError("model", model, allowed)
+    family, defaults = presets.preset_dims(model)
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ConfigError(f"overrides.{key}", value, f"a {family} dimension: {', '.join(defaults)}")
+        _check_int(f"overrides.{key}", value, 1, _INT_LIMIT)
+    _, dims = presets.preset_dims(model, overrides)
+    if family == "gpt" and dims["d_model"] % dims["n_heads"]:
+        raise ConfigError("overrides.n_heads", dims["n_heads"], f"a divisor of d_model ({dims['d_model']})")
+
+
+def _check_device(config: "BenchConfig") -> None:
+    if not isinstance(config.device, str) or not DEVICE_PATTERN.match(config.device):
+        raise ConfigError("device", config.device, _DEVICE_ALLOWED)
+
+
+def _check_int(name: str, value: Any, minimum: float | None, maximum: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f">= {minimum:g}" if maximum is None or maximum >= _INT_LIMIT else f"from {minimum:g} to {maximum:g}"
+        raise ConfigError(name, value, f"an integer {bounds}")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """What to benchmark and how. Invalid values raise ``ConfigError`` on construction."""
 
-    model: str = "gpt-tiny"
-    overrides: dict = field(default_factory=dict)
-    batch: int = 8
-    accum: int = 1
-    precision: str = "fp32"
-    ckpt: str = "none"
-    k: int = 2
-    optimizer: str = "adamw"
-    warmup: int = 3
-    steps: int = 10
-    device: str = "auto"
-    memory_cap_gib: float | None = None
-    timeout_s: float = 600.0
-    seed: int = 0
+    model: str = setting("gpt-tiny", label="Model", help="the model to train", allowed=_MODEL_ALLOWED, check=_check_model)
+    overrides: dict = setting(default_factory=dict, label="Model dimensions", flag="--set",
+                              help="model dimension override, e.g. seq_len=256 (repeatable)")
+    batch: int = setting(8, label="Micro-batch size", help="micro-batch size", minimum=1, sweep="1,2,4,8,16")
+    accum: int = setting(1, label="Accumulation steps", help="gradient-accumulation steps", minimum=1, sweep="1,2,4")
+    precision: Precision = setting("fp32", label="Precision", help="compute precision (fp16 always with GradScaler)",
+                                   sweep="fp32,bf16", choice_words={"fp16": "fp16 (GradScaler)"})
+    ckpt: CkptPolicy = setting("none", label="Activation checkpointing", help="activation checkpointing policy",
+                               sweep="none,full")
+    k: int = setting(2, label="k (checkpoint every k-th block)", help="for --ckpt every-k: checkpoint every k-th block",
+                     minimum=1, sweep="2,4", applies_when=("ckpt", "every-k"))
+    optimizer: Optimizer = setting("adamw", label="Optimizer", help="optimizer", sweep="adamw,sgd")
+    warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
+                          minimum=0)
+    steps: int = setting(10, label="Measured steps", help="measured optimizer steps", minimum=1)
+    device: str = setting("auto", label="Device", help="device to run on", allowed=_DEVICE_ALLOWED, check=_check_device)
+    memory_cap_gib: float | None = setting(None, label="Memory cap (GiB)", unit="GiB", minimum=0, minimum_exclusive=True,
+                                           step=0.5, help="cap memory to emulate a smaller device (GiB)")
+    timeout_s: float = setting(600.0, label="Timeout (s)", flag="--timeout", unit="seconds", minimum=0,
+                               minimum_exclusive=True, step=30.0, help="wall-clock limit for the run (seconds)")
+    seed: int = setting(0, label="Seed", help="random seed", minimum=0)
 
     def __post_init__(self) -> None:
-        self._check_model()
-        _require_int("batch", self.batch, 1)
-        _require_int("accum", self.accum, 1)
-        if self.precision not in PRECISIONS:
-            raise ConfigError("precision", self.precision, ", ".join(PRECISIONS))
-        if self.ckpt not in CKPT_POLICIES:
-            raise ConfigError("ckpt", self.ckpt, ", ".join(CKPT_POLICIES))
-        _require_int("k", self.k, 1)
-        if self.ckpt == "selective" and not selective_checkpoint_available():
-            raise ConfigError("ckpt", self.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
-        _require_int("warmup", self.warmup, 0)
-        _require_int("steps", self.steps, 1)
-        _require_int("seed", self.seed, 0)
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ConfigError("timeout_s", self.timeout_s, "a number of seconds > 0")
-        self._check_device()
-
-    # -- model ------------------------------------------------------------------------
-    def _check_model(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ConfigError("model", self.model, f"a preset ({', '.join(models.PRESETS)}) or module:function")
-        if not isinstance(self.overrides, dict):
-            raise ConfigError("overrides", self.overrides, "a mapping of dimension name to integer")
-        if models.is_user_model(self.model):
-            self._check_user_model()
-            return
-        if self.model not in models.PRESETS:
-            raise ConfigError("model", self.model, f"a preset ({', '.join(models.PRESETS)}) or module:function")
-        family, defaults = models.preset_dims(self.model)
-        for key, value in self.overrides.items():
-            if key not in defaults:
-                raise ConfigError(f"overrides.{key}", value, f"a {family} dimension: {', '.join(defaults)}")
-            _require_int(f"overrides.{key}", value, 1)
-        _, dims = models.preset_dims(self.model, self.overrides)
-        if family == "gpt" and dims["d_model"] % dims["n_heads"]:
-            raise ConfigError("overrides.n_heads", dims["n_heads"], f"a divisor of d_model ({dims['d_model']})")
-
-    def _check_user_model(self) -> None:
-        import torch
-
-        module_name, _, func_name = self.model.partition(":")
-        if not module_name or not func_name:
-            raise ConfigError("model", self.model, "module:function with both parts, e.g. mypkg.models:build")
-        if self.overrides:
-            raise ConfigError("overrides", self.overrides, "no overrides for a module:function model (configure it in your build function)")
-        try:
-            builder = models.load_user_builder(self.model)
-        except Exception as exc:  # any import-time failure in user code is a config error
-            raise ConfigError("model", self.model, f"an importable module:function ({type(exc).__name__}: {exc})") from None
-        # Built on the meta device the check allocates nothing, whatever the model's size.
-        try:
-            with torch.device("meta"):
-                built = builder()
-        except Exception:
-            try:
-                built = builder()
-            except Exception as exc:
-                raise ConfigError("model", self.model, f"a builder that runs ({type(exc).__name__}: {exc})") from None
-        try:
-            models.check_contract(built, self.model)
-        except TypeError as exc:
-            raise ConfigError("model", self.model, f"a function returning (model, make_batch): {exc}") from None
-
-    # -- device -----------------------------------------------------------------------
-    def _check_device(self) -> None:
-        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
-            raise ConfigError("device", self.device, "auto, cpu, cuda, cuda:N, mps")
-        if self.device.startswith("cuda"):
-            count = cuda_device_count()
-            if count == 0:
-                raise ConfigError("device", self.device, "auto, cpu (no CUDA GPU is present)")
-            index = int(self.device.split(":")[1]) if ":" in self.device else 0
-            if index >= count:
-                raise ConfigError("device", self.device, f"cuda:0 .. cuda:{count - 1}")
-        if self.device == "mps" and not mps_available():
-            raise ConfigError("device", self.device, "auto, cpu, cuda (MPS is not available)")
-        cap = self.memory_cap_gib
-        if cap is None:
-            return
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-            raise ConfigError("memory_cap_gib", cap, "a number of GiB > 0, or none")
-        capacity = device_capacity_bytes(resolve_device(self.device))
-        if capacity is not None and cap * GIB > capacity:
-            raise ConfigError("memory_cap_gib", cap, f"at most the device's {capacity / GIB:.1f} GiB")
+        for config_field in CONFIG_FIELDS:
+            config_field.check(self)
 
     # -- derived values and (de)serialisation -------------------------------------------
     @property
@@ -197,15 +163,242 @@ class BenchConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "BenchConfig":
         """Build from a dict (e.g. a stored result's config); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        if not isinstance(data, dict):
+            raise ConfigError("config", data, "an object of BenchConfig fields")
+        unknown = sorted(set(data) - set(FIELD_NAMES))
         if unknown:
-            raise ConfigError(unknown[0], data[unknown[0]], f"a BenchConfig field: {', '.join(sorted(names))}")
+            raise ConfigError(unknown[0], data[unknown[0]], f"a BenchConfig field: {', '.join(FIELD_NAMES)}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> "BenchConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def model_label(self) -> str:
+        """The model with its overrides, e.g. ``gpt-tiny (n_layers=2, seq_len=32)``."""
+        if not self.overrides:
+            return self.model
+        return f"{self.model} ({', '.join(f'{k}={v}' for k, v in sorted(self.overrides.items()))})"
 
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(BenchConfig))
+    def describe(self, with_model: bool = True) -> str:
+        """The configuration in words: ``gpt-tiny, batch 8 × accum 4, bf16, checkpointing every
+        2nd block`` (without the model when ``with_model`` is False)."""
+        parts = [self.model_label] if with_model else []
+        parts += [f"batch {self.batch} × accum {self.accum}", self.precision, ckpt_words(self.ckpt, self.k)]
+        if self.optimizer != "adamw":
+            parts.append(self.optimizer)
+        return ", ".join(parts)
+
+
+def ckpt_words(ckpt: str, k: int) -> str:
+    """A checkpointing policy in words ("checkpointing every 2nd block")."""
+    if ckpt == "every-k":
+        ordinal = {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
+        return f"checkpointing every {ordinal}block"
+    return {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing"}.get(ckpt, ckpt)
+
+
+def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | None) -> float | None:
+    """The memory a run may use: its memory cap, else its device's capacity (None if unknown)."""
+    return memory_cap_gib * GIB if memory_cap_gib is not None else capacity_bytes
+
+
+# --------------------------------------------------------------------------- field views
+@dataclass(frozen=True)
+class ConfigField:
+    """One BenchConfig field as front ends see it: its name, type, default and ``FieldSpec``.
+
+    ``kind`` is ``int``, ``float``, ``str`` or ``dict``; ``choices`` the allowed values of a
+    ``Literal`` field; ``nullable`` whether None (written "none") is allowed.
+    """
+
+    name: str
+    kind: type
+    nullable: bool
+    choices: tuple[str, ...] | None
+    default: Any
+    spec: FieldSpec
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag that sets this field."""
+        return self.spec.flag or "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """What this field allows, in words (the tail of its ConfigError)."""
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.kind is int:
+            low, high = self.spec.minimum, self.spec.maximum
+            return f"an integer >= {low:g}" if high is None else f"an integer from {low:g} to {high:g}"
+        if self.kind is float:
+            unit = f" of {self.spec.unit}" if self.spec.unit else ""
+            low = f" {'>' if self.spec.minimum_exclusive else '>='} {self.spec.minimum:g}" if self.spec.minimum is not None else ""
+            high = f" and <= {self.spec.maximum:g}" if self.spec.maximum is not None else ""
+            return f"a number{unit}{low}{high}" + (", or none" if self.nullable else "")
+        return self.spec.allowed
+
+    def check(self, config: BenchConfig) -> None:
+        """Raise ConfigError if this field's value in ``config`` is not allowed (values only)."""
+        value = getattr(config, self.name)
+        if value is None and self.nullable:
+            return
+        if self.choices is not None:
+            if not isinstance(value, str) or value not in self.choices:
+                raise ConfigError(self.name, value, self.allowed())
+        elif self.kind is int:
+            _check_int(self.name, value, self.spec.minimum, self.spec.maximum if self.spec.maximum is not None else _INT_LIMIT)
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not self._in_range(value):
+                raise ConfigError(self.name, value, self.allowed())
+        if self.spec.check is not None:
+            self.spec.check(config)
+
+    def _in_range(self, value: float) -> bool:
+        low, high = self.spec.minimum, self.spec.maximum
+        if low is not None and (value < low or (self.spec.minimum_exclusive and value == low)):
+            return False
+        return high is None or value <= high
+
+    def parse(self, text: str) -> Any:
+        """The typed value of ``text`` (a CLI argument or URL parameter); ConfigError if it does
+        not parse. Range checks are BenchConfig's."""
+        text = text.strip()
+        if self.nullable and text.lower() in ("none", ""):
+            return None
+        if self.kind is int:
+            # Bounded before int(): a 30-digit string would otherwise reach torch as a size.
+            if not re.fullmatch(r"[+-]?\d{1,19}", text):
+                raise ConfigError(self.name, text, self.allowed())
+            return int(text)
+        if self.kind is float:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(self.name, text, self.allowed()) from None
+            if not math.isfinite(value):
+                raise ConfigError(self.name, text, self.allowed())
+            return value
+        return text
+
+    def format(self, value: Any) -> str:
+        """``value`` as text that ``parse`` reads back."""
+        if value is None:
+            return "none"
+        if self.kind is float:
+            return f"{value:g}"
+        return str(value)
+
+    def applies(self, config: BenchConfig | dict) -> bool:
+        """Whether this field matters for ``config`` (``k`` only with every-k checkpointing)."""
+        if self.spec.applies_when is None:
+            return True
+        other, value = self.spec.applies_when
+        current = config.get(other) if isinstance(config, dict) else getattr(config, other)
+        return current == value
+
+
+def _config_fields() -> tuple[ConfigField, ...]:
+    hints = typing.get_type_hints(BenchConfig)
+    out = []
+    for f in dataclasses.fields(BenchConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        nullable = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if nullable else hint
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
+        kind = str if choices else base
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(ConfigField(f.name, kind, nullable, choices, default, f.metadata["spec"]))
+    return tuple(out)
+
+
+CONFIG_FIELDS: tuple[ConfigField, ...] = _config_fields()
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS)
+FIELDS_BY_NAME: dict[str, ConfigField] = {f.name: f for f in CONFIG_FIELDS}
+# The fields set by a plain value (every one but the model dimensions, set by --set KEY=VALUE).
+SCALAR_FIELDS: tuple[ConfigField, ...] = tuple(f for f in CONFIG_FIELDS if f.kind is not dict)
+SWEEP_FIELDS: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS if f.spec.sweep)
+
+
+def sweep_values(field: ConfigField) -> list:
+    """The typed values a newly picked sweep axis starts with (from its declaration)."""
+    return [field.parse(part) for part in field.spec.sweep.split(",")]
+
+
+def parse_override(key: str, text: str) -> int:
+    """The value of one model dimension from text (``--set seq_len=256``, a link's ``seq_len``)."""
+    name = f"overrides.{key}"
+    if not re.fullmatch(r"\s*[+-]?\d{1,19}\s*", text):
+        raise ConfigError(name, text, "an integer >= 1")
+    return int(text)
+
+
+# --------------------------------------------------------------------------- this machine
+def selective_checkpoint_available() -> bool:
+    """Whether the installed torch has selective activation checkpointing (torch >= 2.4)."""
+    import torch.utils.checkpoint as ckpt
+
+    return hasattr(ckpt, "create_selective_checkpoint_contexts")
+
+
+def check_runnable(config: BenchConfig) -> None:
+    """The checks that need this machine, called just before a run: the device is present,
+    a memory cap fits it, the torch has the checkpointing policy, and a user model imports
+    and honours the contract (built on the meta device, so it allocates nothing).
+
+    Raises ConfigError naming the field, as value checks do. A preset on the CPU needs no
+    torch here.
+    """
+    _check_device_present(config.device)
+    if config.ckpt == "selective" and not selective_checkpoint_available():
+        raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
+    if config.memory_cap_gib is not None:
+        capacity = devices.device_capacity_bytes(devices.resolve_device(config.device))
+        if capacity is not None and config.memory_cap_gib * GIB > capacity:
+            raise ConfigError("memory_cap_gib", config.memory_cap_gib, f"at most the device's {capacity / GIB:.1f} GiB")
+    if presets.is_user_model(config.model):
+        _check_user_model(config.model)
+
+
+def device_memory_limit(config: BenchConfig) -> float | None:
+    """The memory ``config`` may use on this machine: its cap, else its device's capacity."""
+    return memory_limit_bytes(config.memory_cap_gib, devices.device_capacity_bytes(devices.resolve_device(config.device)))
+
+
+def _check_device_present(device: str) -> None:
+    if device.startswith("cuda"):
+        count = devices.cuda_device_count()
+        if count == 0:
+            raise ConfigError("device", device, "auto, cpu (no CUDA GPU is present)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ConfigError("device", device, f"cuda:0 .. cuda:{count - 1}")
+    if device == "mps" and not devices.mps_available():
+        raise ConfigError("device", device, "auto, cpu, cuda (MPS is not available)")
+
+
+def _check_user_model(spec: str) -> None:
+    import torch
+
+    from . import models
+
+    try:
+        builder = models.load_user_builder(spec)
+    except (Exception, SystemExit) as exc:  # any import-time failure in user code is a config error
+        raise ConfigError("model", spec, f"an importable module:function ({type(exc).__name__}: {exc})") from None
+    # SystemExit too: a builder that calls sys.exit() must not end the caller.
+    try:
+        with torch.device("meta"):
+            built = builder()
+    except (Exception, SystemExit):
+        try:
+            built = builder()
+        except (Exception, SystemExit) as exc:
+            raise ConfigError("model", spec, f"a builder that runs ({type(exc).__name__}: {exc})") from None
+    try:
+        models.check_contract(built, spec)
+    except TypeError as exc:
+        raise ConfigError("model", spec, f"a function returning (model, make_batch): {exc}") from None

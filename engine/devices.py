@@ -1,92 +1,85 @@
-"""What hardware is here: NVIDIA GPUs through NVML (nvidia-ml-py), the CPU model, the default device.
-
-NVML reads the driver's view without creating a CUDA context, so listing GPUs never takes
-memory on the devices being benchmarked.
+"""What hardware is here: which device a run uses, how much memory it has, the CPU's name,
+and the environment a result records. torch is imported only when a GPU must be asked.
 """
 from __future__ import annotations
 
-import contextlib
+import os
+import platform
 
-from .config import resolve_device
-from .envinfo import cpu_model_name
-
-
-def _nvml():
-    """The initialised pynvml module; raises ImportError or pynvml.NVMLError."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    return pynvml
+from . import nvml
 
 
-def nvml_message() -> str | None:
-    """Why no GPU is listed (no nvidia-ml-py, no driver, no GPU), or None when GPUs are present."""
-    try:
-        nvml = _nvml()
-    except ImportError:
-        return "nvidia-ml-py is not installed, so NVIDIA GPUs cannot be listed (pip install nvidia-ml-py)"
-    except Exception as exc:  # pynvml.NVMLError and its many driver/library subclasses
-        return f"No NVIDIA driver found (NVML: {exc})"
-    try:
-        if nvml.nvmlDeviceGetCount() == 0:
-            return "The NVIDIA driver is loaded but reports no GPU"
-    finally:
-        nvml.nvmlShutdown()
+def cuda_device_count() -> int:
+    """CUDA GPUs torch can use (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def mps_available() -> bool:
+    """Whether Apple's MPS backend can be used."""
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``auto`` into the best present device; other values pass through."""
+    if device != "auto":
+        return device
+    if cuda_device_count() > 0:
+        return "cuda"
+    return "mps" if mps_available() else "cpu"
+
+
+def device_capacity_bytes(device: str) -> int | None:
+    """Total memory of a resolved device: GPU memory, or physical RAM for CPU; None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    if device == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
     return None
 
 
-def _query(call, *args):
-    """One NVML query, None where the GPU or driver does not support it."""
+def cpu_model_name() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
     try:
-        return call(*args)
-    except Exception:  # NVMLError_NotSupported and friends: the field is unknown, not fatal
-        return None
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to platform
+    return platform.processor() or platform.machine() or "unknown"
 
 
-def _text(value) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
+def env_info(device: str) -> dict:
+    """``{device_type, device_name, capacity_bytes, torch, cuda, driver, python, cpu}`` for a
+    resolved device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``): the result's ``env``."""
+    import torch
 
-
-def list_gpus() -> list[dict]:
-    """NVIDIA GPUs with name, memory used/total (bytes), utilisation (%), temperature (C),
-    power (W), driver and CUDA driver version; [] without nvidia-ml-py, driver or GPU."""
-    try:
-        nvml = _nvml()
-    except Exception:  # ImportError or NVMLError: nvml_message() says which
-        return []
-    try:
-        driver = _text(_query(nvml.nvmlSystemGetDriverVersion))
-        cuda_int = _query(nvml.nvmlSystemGetCudaDriverVersion)  # e.g. 12040 for 12.4
-        cuda = f"{cuda_int // 1000}.{cuda_int % 1000 // 10}" if cuda_int else None
-        gpus = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = _query(nvml.nvmlDeviceGetMemoryInfo, handle)
-            utilization = _query(nvml.nvmlDeviceGetUtilizationRates, handle)
-            temperature = _query(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
-            power_mw = _query(nvml.nvmlDeviceGetPowerUsage, handle)
-            gpus.append({
-                "index": index,
-                "name": _text(_query(nvml.nvmlDeviceGetName, handle)),
-                "memory_used_bytes": memory.used if memory else None,
-                "memory_total_bytes": memory.total if memory else None,
-                "utilization_pct": utilization.gpu if utilization else None,
-                "temperature_c": temperature,
-                "power_w": power_mw / 1000 if power_mw is not None else None,
-                "driver": driver,
-                "cuda": cuda,
-            })
-        return gpus
-    finally:
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
-
-
-def default_device() -> str:
-    """The device ``--device auto`` resolves to here: cuda, mps or cpu."""
-    return resolve_device("auto")
-
-
-def cpu_name() -> str:
-    """The CPU model name, as results record it in ``env.cpu``."""
-    return cpu_model_name()
+    dev = torch.device(device)
+    cpu = cpu_model_name()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    elif dev.type == "mps":
+        name = f"Apple MPS ({cpu})"
+    else:
+        name = cpu
+    return {
+        "device_type": dev.type,
+        "device_name": name,
+        "capacity_bytes": device_capacity_bytes(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "driver": nvml.driver_version() if dev.type == "cuda" else None,
+        "python": platform.python_version(),
+        "cpu": cpu,
+    }

@@ -1,12 +1,12 @@
 """Batch finder: the largest micro-batch that fits, and the fastest one among those tried.
 
-Every trial is a real benchmark run in the worker (``worker.run_isolated``), so running
+Every trial is a real benchmark run in the worker (``worker.run``), so running
 out of memory is a result (``status: "oom"``), never a crash of the caller. A trial *fits*
 when it is ok and its peak allocated memory leaves ``margin`` of the capacity (the memory
 cap, else the device) free: the allocator's fragmentation, the CUDA context and a longer
 real run need that headroom.
 
-Search: double the micro-batch from ``start`` until a trial does not fit (or ``max_batch``
+Search: double the micro-batch from 1 until a trial does not fit (or ``max_batch``
 is reached), then binary-search between the last fit and the first misfit. The fastest
 batch (highest samples/s) among the fitting trials is often smaller than the largest: past
 the point where the device is saturated, a bigger batch only costs memory.
@@ -19,32 +19,26 @@ import time
 import uuid
 from typing import Callable
 
-from .config import GIB, BenchConfig, device_capacity_bytes, resolve_device
+from .config import BenchConfig, device_memory_limit
 from .predict import DEFAULT_MARGIN, usable_bytes
-from .worker import run_isolated
+from .progress import Progress, ProgressFn
+from .results import Result
+from .worker import run
 
-Runner = Callable[..., dict]
-
-
-def capacity_of(config: BenchConfig) -> float | None:
-    """The memory a config may use: its cap, else the device's capacity (None if unknown)."""
-    if config.memory_cap_gib is not None:
-        return config.memory_cap_gib * GIB
-    return device_capacity_bytes(resolve_device(config.device))
+Runner = Callable[..., Result]
 
 
-def _trial(result: dict, budget: float | None) -> dict:
-    m = result["metrics"]
-    peak = m.get("peak_allocated_bytes")
-    fits = result["status"] == "ok" and (budget is None or (peak is not None and peak <= budget))
+def _trial(result: Result, budget: float | None) -> dict:
+    peak = result.metrics.peak_allocated_bytes
+    fits = result.ok and (budget is None or (peak is not None and peak <= budget))
     return {
-        "batch": result["config"]["batch"],
-        "status": result["status"],
+        "batch": result.config.batch,
+        "status": result.status,
         "fits": fits,
         "peak_allocated_bytes": peak,
-        "samples_per_s": m.get("samples_per_s"),
-        "result_id": result["id"],
-        "error": result.get("error"),
+        "samples_per_s": result.metrics.samples_per_s,
+        "result_id": result.id,
+        "error": result.error,
     }
 
 
@@ -53,14 +47,13 @@ def find_batch(
     max_batch: int = 1024,
     margin: float = DEFAULT_MARGIN,
     time_limit_s: float | None = None,
-    start: int = 1,
-    runner: Runner = run_isolated,
-    progress: Callable[[dict], None] | None = None,
-    on_result: Callable[[dict], None] | None = None,
+    runner: Runner = run,
+    progress: ProgressFn | None = None,
+    on_result: Callable[[Result], None] | None = None,
     cancel: threading.Event | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict:
-    """Search the largest fitting micro-batch of ``config`` in ``[start, max_batch]``.
+    """Search the largest fitting micro-batch of ``config`` in ``[1, max_batch]``.
 
     ``runner(config, progress, cancel, sweep_id=...)`` runs one trial and returns its
     result (the warm worker by default; tests inject others); all trials share a sweep id. ``time_limit_s`` bounds the whole search: each
@@ -68,7 +61,7 @@ def find_batch(
     gets the worker's events with ``trial`` (1-based) and ``batch`` added, ``on_result``
     each trial's full result (to store it).
 
-    Returns ``max_batch`` (largest fitting micro-batch, None if not even ``start`` fits),
+    Returns ``max_batch`` (largest fitting micro-batch, None if not even batch 1 fits),
     ``best_batch`` (highest samples/s among fitting trials), ``sweep_id``, ``capacity_bytes``,
     ``budget_bytes``, ``margin``, ``limit`` (the max_batch asked for), ``trials`` (batch,
     status, fits, peak_allocated_bytes, samples_per_s, result_id, error, in run order),
@@ -76,9 +69,9 @@ def find_batch(
     fitting batch is pinned down: the next batch up was tried and did not fit, or the
     limit itself fits).
     """
-    if not isinstance(max_batch, int) or max_batch < start:
-        raise ValueError(f"max batch must be an integer >= {start}, got {max_batch!r}")
-    capacity = capacity_of(config)
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max batch must be an integer >= 1, got {max_batch!r}")
+    capacity = device_memory_limit(config)
     budget = usable_bytes(capacity, margin) if capacity is not None else None
     deadline = clock() + time_limit_s if time_limit_s is not None else None
     trials: list[dict] = []
@@ -97,20 +90,20 @@ def find_batch(
             timeout = min(timeout, left)
         number = len(trials) + 1
 
-        def forward(event: dict) -> None:
+        def forward(event: Progress) -> None:
             if progress is not None:
-                progress({**event, "trial": number, "batch": batch})
+                progress(event.within(trial=number, batch=batch))
 
-        forward({"phase": "starting"})
+        forward(Progress("starting"))
         result = runner(config.replace(batch=batch, timeout_s=timeout), forward, cancel, sweep_id=sweep_id)
         if on_result is not None:
             on_result(result)
         trial = _trial(result, budget)
         trials.append(trial)
-        if result["status"] in ("error", "cancelled"):
-            stopped = f"batch {batch}: {result['status']}: {result.get('error')}"
+        if result.status in ("error", "cancelled"):
+            stopped = f"batch {batch}: {result.status}: {result.error}"
             return None
-        if result["status"] == "timeout" and timeout < config.timeout_s:
+        if result.status == "timeout" and timeout < config.timeout_s:
             # Cut short by the search's time limit: says nothing about whether it fits.
             stopped = "time limit reached"
             return None
@@ -118,7 +111,7 @@ def find_batch(
         return trial
 
     # Doubling: lo is the largest batch known to fit, hi the smallest known not to.
-    lo, hi, batch = None, None, start
+    lo, hi, batch = None, None, 1
     while True:
         trial = attempt(batch)
         if trial is None:

@@ -1,6 +1,6 @@
 """The throughput-vs-memory frontier of stored runs and the configuration recommender.
 
-Works on result dicts (schema v1) only, so it needs no device: a laptop can recommend from
+Works on stored Results only, so it needs no device (and no torch): a laptop can recommend from
 a teammate's H100 runs. Runs of different models or devices are never mixed: every
 function here first narrows the runs to one model (preset plus overrides) on one device.
 """
@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Iterable
 
 from .config import GIB, BenchConfig
+from .results import Result
 
 
 class SelectionError(ValueError):
@@ -17,26 +18,12 @@ class SelectionError(ValueError):
 
 
 # ------------------------------------------------------------------------- selecting runs
-def model_label(config: dict) -> str:
-    """A model with its overrides, e.g. ``gpt-tiny (n_layers=2, seq_len=32)``."""
-    overrides = config.get("overrides") or {}
-    if not overrides:
-        return config["model"]
-    return f"{config['model']} ({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})"
-
-
-def device_label(result: dict) -> str:
-    """The device a run was measured on (its name, else its type)."""
-    env = result.get("env") or {}
-    return env.get("device_name") or env.get("device_type") or "unknown device"
-
-
-def groups(results: Iterable[dict]) -> Counter:
+def groups(results: Iterable[Result]) -> Counter:
     """How many runs there are per (model label, device label)."""
-    return Counter((model_label(r["config"]), device_label(r)) for r in results)
+    return Counter((r.config.model_label, r.env.label) for r in results)
 
 
-def select_runs(results: Iterable[dict], model: str | None = None, device: str | None = None) -> list[dict]:
+def select_runs(results: Iterable[Result], model: str | None = None, device: str | None = None) -> list[Result]:
     """The runs of one model (its label, or a preset name) on one device.
 
     ``None`` means "the only one there is"; when the runs hold several, SelectionError
@@ -45,80 +32,51 @@ def select_runs(results: Iterable[dict], model: str | None = None, device: str |
     runs = list(results)
     if model is not None:
         # An exact label picks those runs; a bare preset name picks every variant of it.
-        exact = [r for r in runs if model_label(r["config"]) == model]
-        runs = exact or [r for r in runs if r["config"]["model"] == model]
+        exact = [r for r in runs if r.config.model_label == model]
+        runs = exact or [r for r in runs if r.config.model == model]
         if not runs:
             raise SelectionError(f"no runs of model {model!r}")
     if device is not None:
-        runs = [r for r in runs if device_label(r) == device]
+        runs = [r for r in runs if r.env.label == device]
         if not runs:
             raise SelectionError(f"no runs on device {device!r}")
-    models_seen = sorted({model_label(r["config"]) for r in runs})
+    models_seen = sorted({r.config.model_label for r in runs})
     if len(models_seen) > 1:
         raise SelectionError(f"the runs hold several models ({'; '.join(models_seen)}); pick one")
-    devices_seen = sorted({device_label(r) for r in runs})
+    devices_seen = sorted({r.env.label for r in runs})
     if len(devices_seen) > 1:
         raise SelectionError(f"the runs come from several devices ({'; '.join(devices_seen)}); pick one")
     return runs
 
 
 # ------------------------------------------------------------------------- frontier
-def _throughput(result: dict) -> float | None:
-    return result["metrics"].get("samples_per_s")
-
-
-def _peak(result: dict) -> float | None:
-    return result["metrics"].get("peak_allocated_bytes")
-
-
-def measured(results: Iterable[dict]) -> list[dict]:
+def measured(results: Iterable[Result]) -> list[Result]:
     """Ok runs that have both a throughput and a peak memory."""
-    return [r for r in results if r["status"] == "ok" and _throughput(r) is not None and _peak(r) is not None]
+    return [r for r in results if r.ok and r.metrics.samples_per_s is not None and r.metrics.peak_allocated_bytes is not None]
 
 
-def pareto_frontier(results: Iterable[dict]) -> list[dict]:
+def pareto_frontier(results: Iterable[Result]) -> list[Result]:
     """Ok runs not dominated in (less peak memory, more samples/s), by increasing memory.
 
     A run is dropped when another uses no more memory and is at least as fast (an exact
     duplicate keeps only its first occurrence).
     """
-    ordered = sorted(measured(results), key=lambda r: (_peak(r), -_throughput(r)))
+    ordered = sorted(measured(results), key=lambda r: (r.metrics.peak_allocated_bytes, -r.metrics.samples_per_s))
     frontier, fastest = [], float("-inf")
     for run in ordered:
-        if _throughput(run) > fastest:
+        if run.metrics.samples_per_s > fastest:
             frontier.append(run)
-            fastest = _throughput(run)
+            fastest = run.metrics.samples_per_s
     return frontier
 
 
-def capacity_bytes(result: dict) -> float | None:
-    """The memory a run was allowed: its memory cap, else its device's capacity."""
-    cap = result["config"].get("memory_cap_gib")
-    return cap * GIB if cap else (result.get("env") or {}).get("capacity_bytes")
-
-
 # ------------------------------------------------------------------------- recommender
-def config_words(config: dict) -> str:
-    """A configuration in words: ``batch 8 × accum 4, bf16, checkpointing every 2nd block``."""
-    ckpt = config["ckpt"]
-    if ckpt == "every-k":
-        k = config.get("k", 2)
-        ordinal = {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
-        ckpt_words = f"checkpointing every {ordinal}block"
-    else:
-        ckpt_words = {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing"}[ckpt]
-    parts = [f"batch {config['batch']} × accum {config['accum']}", config["precision"], ckpt_words]
-    if config.get("optimizer", "adamw") != "adamw":
-        parts.append(config["optimizer"])
-    return ", ".join(parts)
-
-
-def _entry(result: dict, budget_bytes: float) -> dict:
-    peak = _peak(result)
+def _entry(result: Result, budget_bytes: float) -> dict:
+    peak = result.metrics.peak_allocated_bytes
     return {
-        "id": result["id"],
-        "config": result["config"],
-        "samples_per_s": _throughput(result),
+        "id": result.id,
+        "config": result.config.to_dict(),
+        "samples_per_s": result.metrics.samples_per_s,
         "peak_allocated_bytes": peak,
         "margin_bytes": budget_bytes - peak,
     }
@@ -126,13 +84,13 @@ def _entry(result: dict, budget_bytes: float) -> dict:
 
 def _describe(entry: dict, budget_gib: float) -> str:
     return (
-        f"{config_words(entry['config'])}: {entry['samples_per_s']:,.0f} samples/s "
+        f"{BenchConfig.from_dict(entry['config']).describe(with_model=False)}: {entry['samples_per_s']:,.0f} samples/s "
         f"at {entry['peak_allocated_bytes'] / GIB:,.1f} GiB of {budget_gib:g}"
     )
 
 
 def recommend(
-    results: Iterable[dict],
+    results: Iterable[Result],
     effective_batch: int,
     memory_budget_gib: float,
     model: str | None = None,
@@ -151,9 +109,10 @@ def recommend(
         raise ValueError(f"memory budget must be > 0 GiB, got {memory_budget_gib}")
     runs = select_runs(results, model, device)
     budget = memory_budget_gib * GIB
-    at_batch = [r for r in runs if r["metrics"].get("effective_batch") == effective_batch]
+    at_batch = [r for r in runs if r.metrics.effective_batch == effective_batch]
     candidates = measured(at_batch)
-    fitting = sorted((r for r in candidates if _peak(r) <= budget), key=lambda r: (-_throughput(r), _peak(r)))
+    fitting = sorted((r for r in candidates if r.metrics.peak_allocated_bytes <= budget),
+                     key=lambda r: (-r.metrics.samples_per_s, r.metrics.peak_allocated_bytes))
     answer = {
         "fits": bool(fitting),
         "effective_batch": effective_batch,
@@ -163,7 +122,7 @@ def recommend(
         "closest": None,
         "considered": len(candidates),
         "over_budget": len(candidates) - len(fitting),
-        "failed": sum(r["status"] != "ok" for r in at_batch),
+        "failed": sum(not r.ok for r in at_batch),
     }
     if fitting:
         best = answer["best"]
@@ -175,15 +134,15 @@ def recommend(
         answer["answer"] = words
         return answer
     if candidates:
-        closest = min(candidates, key=_peak)
+        closest = min(candidates, key=lambda r: r.metrics.peak_allocated_bytes)
         answer["closest"] = _entry(closest, budget)
         answer["answer"] = (
             f"Nothing measured at effective batch {effective_batch} fits {memory_budget_gib:g} GiB. "
             f"Closest: {_describe(answer['closest'], memory_budget_gib)}, "
-            f"{(_peak(closest) - budget) / GIB:,.2f} GiB over."
+            f"{(closest.metrics.peak_allocated_bytes - budget) / GIB:,.2f} GiB over."
         )
     else:
-        available = sorted({r["metrics"]["effective_batch"] for r in measured(runs)})
+        available = sorted({r.metrics.effective_batch for r in measured(runs)})
         answer["answer"] = (
             f"Nothing fits: no successful run at effective batch {effective_batch}"
             + (f" (measured: {', '.join(map(str, available))})." if available else ".")
@@ -191,13 +150,13 @@ def recommend(
     return answer
 
 
-def _variant(config: dict) -> tuple:
+def _variant(config: BenchConfig) -> tuple:
     """The settings a candidate shares with its smaller-micro-batch siblings."""
-    return (config["precision"], config["ckpt"], config.get("k", 2) if config["ckpt"] == "every-k" else None, config["optimizer"])
+    return (config.precision, config.ckpt, config.k if config.ckpt == "every-k" else None, config.optimizer)
 
 
 def missing_candidates(
-    results: Iterable[dict],
+    results: Iterable[Result],
     effective_batch: int,
     memory_budget_gib: float,
     model: str | None = None,
@@ -216,32 +175,21 @@ def missing_candidates(
     if not runs:
         return []
     budget = memory_budget_gib * GIB
-    template = max(runs, key=lambda r: r["created_at"])["config"]
-    variants = {_variant(r["config"]): r["config"] for r in runs}
-    done = {(r["config"]["batch"], r["config"]["accum"], _variant(r["config"])) for r in runs if r["status"] != "cancelled"}
+    template = max(runs, key=lambda r: r.created_at).config
+    variants = {_variant(r.config): r.config for r in runs}
+    done = {(r.config.batch, r.config.accum, _variant(r.config)) for r in runs if r.status != "cancelled"}
     too_big: dict[tuple, int] = {}  # variant -> smallest micro-batch known not to fit
     for r in runs:
-        peak = _peak(r)
-        if r["status"] == "oom" or (r["status"] == "ok" and peak is not None and peak > budget):
-            v = _variant(r["config"])
-            too_big[v] = min(too_big.get(v, r["config"]["batch"]), r["config"]["batch"])
+        peak = r.metrics.peak_allocated_bytes
+        if r.status == "oom" or (r.ok and peak is not None and peak > budget):
+            v = _variant(r.config)
+            too_big[v] = min(too_big.get(v, r.config.batch), r.config.batch)
     out = []
     for variant, source in sorted(variants.items(), key=lambda kv: repr(kv[0])):
         for batch in (b for b in range(1, effective_batch + 1) if effective_batch % b == 0):
             accum = effective_batch // batch
             if (batch, accum, variant) in done or batch >= too_big.get(variant, effective_batch + 1):
                 continue
-            out.append(
-                BenchConfig.from_dict(
-                    template
-                    | {
-                        "batch": batch,
-                        "accum": accum,
-                        "precision": source["precision"],
-                        "ckpt": source["ckpt"],
-                        "k": source.get("k", template.get("k", 2)),
-                        "optimizer": source["optimizer"],
-                    }
-                )
-            )
+            out.append(template.replace(batch=batch, accum=accum, precision=source.precision, ckpt=source.ckpt,
+                                        k=source.k, optimizer=source.optimizer))
     return out

@@ -1,11 +1,12 @@
 """Run one benchmark configuration in this process and return its v1 result.
 
-The order of a run is the method (ARCHITECTURE.md, "How to measure"):
+The order of a run is the method:
 
 1. build the model on the device, apply checkpointing, make the batches on the device;
 2. warm-up steps (never measured: kernel selection, allocator growth, optimizer state);
-3. reset CUDA peak statistics, then the timed steps, each timed phase by phase with the
-   device's timer (CUDA events + one synchronisation per step, ``perf_counter`` on CPU);
+3. the timed steps inside ``DeviceCounters`` (peak statistics reset first), each timed
+   phase by phase with the device's timer (CUDA events + one synchronisation per step,
+   ``perf_counter`` on CPU);
 4. one separate instrumented step for the memory breakdown (``memory.py``);
 5. one separate step under the FLOP counter (``flops.py``);
 6. the gradients' distance from the fp32/no-checkpointing baseline (``numerics.py``, two
@@ -21,72 +22,65 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import flops, memory, models, numerics, results
-from .config import GIB, BenchConfig, resolve_device
-from .envinfo import env_info
+from . import flops, memory, models, numerics, nvml
+from .config import GIB, BenchConfig
+from .devices import env_info, resolve_device
+from .progress import Progress, ProgressFn
+from .results import PHASES, Metrics, Result
 from .stats import NOISE_THRESHOLD, Summary
-from .step import build_step, make_timer
-
-PHASE_KEYS = ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")
-Progress = Callable[[dict], None]
+from .step import TrainingStep, build_step, make_timer
 
 
-class _Nvml:
-    """NVML view of one CUDA device: used memory and the energy counter; None when NVML,
-    the driver or the counter is unavailable (NVML is optional)."""
+class DeviceCounters:
+    """What the device itself counts over the timed steps, read once they are over.
+
+    CUDA: the caching allocator's peak allocated and reserved bytes (peaks reset on entry),
+    its cache-flush-and-retry count, NVML's used memory (which also counts the CUDA context
+    the allocator never sees) and NVML's energy counter (whole GPU). Elsewhere every
+    reading stays None: a CPU run's peak comes from the instrumented step instead.
+    """
 
     def __init__(self, device: torch.device):
-        self.handle = None
-        try:
-            import pynvml
+        self.device = device
+        self.peak_allocated_bytes: int | None = None
+        self.peak_reserved_bytes: int | None = None
+        self.allocator_retries: int | None = None
+        self.nvml_used_bytes: int | None = None
+        self.energy_j: float | None = None
+        self._gpu: nvml.GpuCounters | None = None
 
-            pynvml.nvmlInit()
-        except Exception:  # no nvidia-ml-py or no driver: NVML figures are unknown
+    def __enter__(self) -> "DeviceCounters":
+        if self.device.type != "cuda":
+            return self
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+        # torch's own CUDA -> NVML index mapping honours CUDA_VISIBLE_DEVICES.
+        self._gpu = nvml.GpuCounters(uuid, fallback_index=torch.cuda._get_nvml_device_index(self.device))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._retries_before = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+        self._energy_before = self._gpu.energy_mj()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._gpu is None:
             return
-        self._pynvml = pynvml
         try:
-            self.handle = self._handle_for(pynvml, device)
-        except Exception:
-            self.close()
+            if exc[0] is None:
+                self._read()
+        finally:
+            self._gpu.close()
 
-    @staticmethod
-    def _handle_for(pynvml, device: torch.device):
-        # The UUID names the same GPU in CUDA and NVML even when CUDA_VISIBLE_DEVICES
-        # reorders or hides devices (a plain index would not).
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        try:
-            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-        except Exception:
-            # torch's own CUDA -> NVML index mapping (it honours CUDA_VISIBLE_DEVICES).
-            return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
-
-    def used_bytes(self) -> int | None:
-        """Device memory in use by all processes (includes CUDA contexts), or None."""
-        if self.handle is None:
-            return None
-        try:
-            return int(self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-        except Exception:
-            return None
-
-    def energy_mj(self) -> int | None:
-        """Total energy the GPU used since the driver loaded, in mJ (Volta+), or None."""
-        if self.handle is None:
-            return None
-        try:
-            return int(self._pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
-        except Exception:
-            return None
-
-    def close(self) -> None:
-        """Release NVML (idempotent)."""
-        if getattr(self, "_pynvml", None) is not None:
-            try:
-                self._pynvml.nvmlShutdown()
-            except Exception:
-                pass  # shutting down a half-initialised NVML has nothing left to release
-            self._pynvml = None
-        self.handle = None
+    def _read(self) -> None:
+        torch.cuda.synchronize(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        self.peak_allocated_bytes = int(stats["allocated_bytes.all.peak"])
+        self.peak_reserved_bytes = int(stats["reserved_bytes.all.peak"])
+        self.allocator_retries = int(stats.get("num_alloc_retries", 0) - self._retries_before)
+        # Sampled while the timed steps' memory is still cached.
+        self.nvml_used_bytes = self._gpu.used_bytes()
+        energy_after = self._gpu.energy_mj()
+        if self._energy_before is not None and energy_after is not None and energy_after > self._energy_before:
+            self.energy_j = (energy_after - self._energy_before) / 1000.0
 
 
 @contextlib.contextmanager
@@ -118,6 +112,39 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _phase(emit: ProgressFn, name: str, func: Callable, *args):
+    """Run one untimed phase between its start and end progress events."""
+    emit(Progress(name, 0, 1))
+    value = func(*args)
+    emit(Progress(name, 1, 1))
+    return value
+
+
+def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> None:
+    for i in range(config.warmup):
+        step.run()
+        emit(Progress("warmup", i + 1, config.warmup))
+    _synchronize(step.device)
+
+
+def _time_steps(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> tuple[dict[str, list[float]], list[float] | None]:
+    """Per-phase milliseconds of ``config.steps`` timed steps, and GradScaler's scale before
+    and after each (fp16), read between steps after the timer's synchronisation."""
+    timer = make_timer(step.device)
+    samples: dict[str, list[float]] = {key: [] for key in PHASES}
+    scales = [step.scaler.get_scale()] if step.scaler is not None else None
+    for i in range(config.steps):
+        step.run(timer)
+        times = timer.collect()
+        for key in PHASES:
+            samples[key].append(times[key])
+        if scales is not None:
+            scales.append(step.scaler.get_scale())
+        emit(Progress("measure", i + 1, config.steps))
+    _synchronize(step.device)
+    return samples, scales
+
+
 def _skipped_steps(scales: list[float]) -> int:
     """Steps GradScaler skipped (inf/NaN gradients), from the loss scale read after each
     step: a skipped step always multiplies the scale by the backoff factor (< 1), a normal
@@ -143,105 +170,54 @@ def _warnings(summaries: dict[str, Summary], steps: int, skipped: int | None, re
     return notes
 
 
-def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict:
-    """Benchmark ``config`` in this process; return a complete ``ok`` result dict.
+def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result:
+    """Benchmark ``config`` in this process; return a complete ``ok`` Result.
 
-    ``progress`` receives ``{"phase", "step", "total"}`` events (phases build, warmup,
-    measure, breakdown, flops). Raises on failure (OOM included; an OOM of the numerics
-    baseline only is a warning with ``grad_rel_diff`` None).
+    ``progress`` receives a ``Progress`` event per phase and step. Raises on failure (OOM
+    included; an OOM of the numerics baseline only is a warning with ``grad_rel_diff`` None).
     """
     emit = progress or (lambda event: None)
-    device_str = resolve_device(config.device)
-    device = torch.device(device_str)
-    env = env_info(device_str)
-    is_cuda = device.type == "cuda"
-
+    device = torch.device(resolve_device(config.device))
+    env = env_info(str(device))
     with _on_device(device, config):
-        emit({"phase": "build", "step": 0, "total": 1})
-        step = build_step(config)
-        emit({"phase": "build", "step": 1, "total": 1})
-
-        for i in range(config.warmup):
-            step.run()
-            emit({"phase": "warmup", "step": i + 1, "total": config.warmup})
-        _synchronize(device)
-
-        nvml = _Nvml(device) if is_cuda else None
-        try:
-            if is_cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                retries_before = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
-                energy_before = nvml.energy_mj()
-            timer = make_timer(device)
-            samples: dict[str, list[float]] = {key: [] for key in PHASE_KEYS}
-            # Read between steps, after the timer's synchronisation: never inside a timed step.
-            scales = [step.scaler.get_scale()] if step.scaler is not None else None
-            for i in range(config.steps):
-                step.run(timer)
-                times = timer.collect()
-                for key in PHASE_KEYS:
-                    samples[key].append(times[key])
-                if scales is not None:
-                    scales.append(step.scaler.get_scale())
-                emit({"phase": "measure", "step": i + 1, "total": config.steps})
-            _synchronize(device)
-
-            cuda_metrics = {"peak_reserved_bytes": None, "nvml_used_bytes": None, "allocator_retries": None}
-            energy_j = None
-            if is_cuda:
-                stats = torch.cuda.memory_stats(device)
-                cuda_metrics = {
-                    "peak_allocated_bytes": int(stats["allocated_bytes.all.peak"]),
-                    "peak_reserved_bytes": int(stats["reserved_bytes.all.peak"]),
-                    # Sampled while the timed steps' memory is still cached; NVML also counts
-                    # the CUDA context, which the allocator never sees.
-                    "nvml_used_bytes": nvml.used_bytes(),
-                    "allocator_retries": int(stats.get("num_alloc_retries", 0) - retries_before),
-                }
-                energy_after = nvml.energy_mj()
-                if energy_before is not None and energy_after is not None and energy_after > energy_before:
-                    # Whole-GPU energy (other processes on the GPU included) over the timed steps.
-                    energy_j = (energy_after - energy_before) / 1000.0 / (config.steps * config.effective_batch)
-        finally:
-            if nvml is not None:
-                nvml.close()
-
-        emit({"phase": "breakdown", "step": 0, "total": 1})
-        breakdown = memory.memory_breakdown(step)
-        emit({"phase": "breakdown", "step": 1, "total": 1})
-        emit({"phase": "flops", "step": 0, "total": 1})
-        model_flops, hw_flops = flops.count_flops(step)
-        emit({"phase": "flops", "step": 1, "total": 1})
+        step = _phase(emit, "build", build_step, config)
+        _warm_up(step, config, emit)
+        with DeviceCounters(device) as counters:
+            samples, scales = _time_steps(step, config, emit)
+        breakdown = _phase(emit, "breakdown", memory.memory_breakdown, step)
+        model_flops, hw_flops = _phase(emit, "flops", flops.count_flops, step)
         tokens = models.tokens_per_sample(step.model)
         tf32 = flops.fp32_uses_tf32(step.model) if config.precision == "fp32" else False
-        # The numerical cost (numerics.py) runs two more first steps on fresh models: after
-        # everything measured, with this run's model freed so they can use its memory, and
-        # still on this device under this run's memory cap.
+        # The numerical cost runs two more first steps on fresh models: after everything
+        # measured, with this run's model freed so they can use its memory, and still on
+        # this device under this run's memory cap.
         del step
-        grad_rel_diff, numerics_warning = numerics.grad_rel_diff(config)
+        grad_rel_diff, numerics_warning = _phase(emit, "numerics", numerics.grad_rel_diff, config)
 
     summaries = {key: Summary.from_samples(values) for key, values in samples.items()}
     step_s = summaries["step_ms"].median / 1000.0
     samples_per_s = config.effective_batch / step_s if step_s > 0 else None
-    mfu = flops.mfu(model_flops, step_s, env["device_name"], config.precision, tf32) if is_cuda else None
     skipped = _skipped_steps(scales) if scales is not None else None
-    metrics = {
-        "effective_batch": config.effective_batch,
-        **{key: summary.to_dict() for key, summary in summaries.items()},
-        "samples_per_s": samples_per_s,
-        "tokens_per_s": samples_per_s * tokens if tokens and samples_per_s else None,
+    metrics = Metrics(
+        effective_batch=config.effective_batch,
+        **summaries,
+        samples_per_s=samples_per_s,
+        tokens_per_s=samples_per_s * tokens if tokens and samples_per_s else None,
         # Without a caching allocator to ask (CPU, MPS) the peak is the instrumented step's.
-        "peak_allocated_bytes": sum(breakdown.values()),
-        **cuda_metrics,
-        "memory_breakdown_bytes": breakdown,
-        "flops_per_step": model_flops,
-        "hw_flops_per_step": hw_flops,
-        "mfu": mfu,
-        "loss_scale": scales[-1] if scales is not None else None,
-        "skipped_steps": skipped,
-        "energy_j_per_sample": energy_j,
-        "grad_rel_diff": grad_rel_diff,
-    }
-    warnings = _warnings(summaries, config.steps, skipped, cuda_metrics["allocator_retries"])
+        peak_allocated_bytes=counters.peak_allocated_bytes if counters.peak_allocated_bytes is not None else breakdown.total,
+        peak_reserved_bytes=counters.peak_reserved_bytes,
+        nvml_used_bytes=counters.nvml_used_bytes,
+        memory_breakdown_bytes=breakdown,
+        flops_per_step=model_flops,
+        hw_flops_per_step=hw_flops,
+        mfu=flops.mfu(model_flops, step_s, env["device_name"], config.precision, tf32) if device.type == "cuda" else None,
+        loss_scale=scales[-1] if scales is not None else None,
+        skipped_steps=skipped,
+        # Whole-GPU energy (other processes on the GPU included) over the timed steps.
+        energy_j_per_sample=counters.energy_j / (config.steps * config.effective_batch) if counters.energy_j else None,
+        grad_rel_diff=grad_rel_diff,
+        allocator_retries=counters.allocator_retries,
+    )
+    warnings = _warnings(summaries, config.steps, skipped, counters.allocator_retries)
     warnings += [numerics_warning] if numerics_warning else []
-    return results.new_result(config, "ok", env, metrics=metrics, samples=samples, warnings=warnings)
+    return Result.new(config, "ok", env, metrics=metrics, samples=samples, warnings=warnings)

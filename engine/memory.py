@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .results import BREAKDOWN_KEYS, MemoryBreakdown
 from .step import PhaseTimer
-
-BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
 
 # MemTracker role -> breakdown key. Buffers (e.g. BatchNorm statistics), backward-only
 # temporaries and external tensors (the input batches) are "other": "activations" is
@@ -59,7 +58,7 @@ class _ModuleStatsReset(PhaseTimer):
             self._tracker.reset_mod_stats()
 
 
-def memory_breakdown(step) -> dict[str, int]:
+def memory_breakdown(step) -> MemoryBreakdown:
     """Bytes per role at the peak of one instrumented ``step.run()``.
 
     Runs one real optimizer step (it updates the weights), so call it after timing.
@@ -91,4 +90,4 @@ def memory_breakdown(step) -> dict[str, int]:
         torch.cuda.synchronize(device)
         untracked = torch.cuda.max_memory_allocated(device) - sum(breakdown.values())
         breakdown["other"] += max(0, untracked)
-    return breakdown
+    return MemoryBreakdown(**breakdown)

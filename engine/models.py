@@ -16,34 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .presets import is_user_model, preset_dims
+
 MakeBatch = Callable[[int, torch.device], tuple]
-
-# Override keys and defaults per family; a preset only changes some of them.
-FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
-    "gpt": {"seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12, "vocab": 50304},
-    "mlp": {"in_features": 1024, "width": 1024, "depth": 4, "num_classes": 10},
-    "cnn": {"image_size": 64, "channels": 3, "width": 64, "depth": 4, "num_classes": 10},
-}
-
-# GPT-2 family dimensions (Radford et al. 2019); vocab padded to a multiple of 64 as in
-# nanoGPT, which keeps the tied embedding matmul on fast kernels.
-PRESETS: dict[str, tuple[str, dict[str, int]]] = {
-    "gpt-tiny": ("gpt", {"seq_len": 128, "d_model": 192, "n_layers": 4, "n_heads": 6, "vocab": 8192}),
-    "gpt-small": ("gpt", {"d_model": 768, "n_layers": 12, "n_heads": 12}),
-    "gpt-medium": ("gpt", {"d_model": 1024, "n_layers": 24, "n_heads": 16}),
-    "gpt-large": ("gpt", {"d_model": 1280, "n_layers": 36, "n_heads": 20}),
-    "gpt-xl": ("gpt", {"d_model": 1600, "n_layers": 48, "n_heads": 25}),
-    "mlp": ("mlp", {}),
-    "cnn": ("cnn", {}),
-}
-
-
-def preset_dims(name: str, overrides: dict | None = None) -> tuple[str, dict[str, int]]:
-    """Family and full dimension dict of a preset with ``overrides`` applied."""
-    family, dims = PRESETS[name]
-    merged = {**FAMILY_DEFAULTS[family], **dims, **(overrides or {})}
-    return family, merged
-
 
 # ---------------------------------------------------------------- GPT (nanoGPT-style)
 @dataclass(frozen=True)
@@ -238,9 +213,6 @@ def check_contract(built: object, spec: str) -> tuple[nn.Module, MakeBatch]:
     return model, make_batch
 
 
-def is_user_model(name: str) -> bool:
-    return ":" in name
-
 
 def build(model_name: str, overrides: dict | None = None) -> tuple[nn.Module, MakeBatch]:
     """Build a preset (with overrides) or a user ``module:function`` model on the current device."""
@@ -275,14 +247,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def gpt_param_count(dims: dict[str, int]) -> int:
-    """Exact parameter count of ``GPT`` with these dims (tied head counted once)."""
-    C, L, V, T = dims["d_model"], dims["n_layers"], dims["vocab"], dims["seq_len"]
-    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
-    return V * C + T * C + L * per_block + 2 * C
-
-
-__all__ = [
-    "PRESETS", "FAMILY_DEFAULTS", "preset_dims", "build", "find_blocks", "tokens_per_sample",
-    "count_params", "gpt_param_count", "load_user_builder", "check_contract", "is_user_model",
-]
+__all__ = ["build", "find_blocks", "tokens_per_sample", "count_params", "load_user_builder", "check_contract"]

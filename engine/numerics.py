@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 
 from .config import BenchConfig
-from .results import is_oom
-from .step import build_step
+from .results import Result, is_oom
 
 BASELINE = {"precision": "fp32", "ckpt": "none"}
 
@@ -33,6 +32,8 @@ def first_step_grads(config: BenchConfig) -> list | None:
     (a zero tensor for a parameter without gradient); None when they are not finite
     (an fp16 step GradScaler skips)."""
     import torch
+
+    from .step import build_step
 
     step = build_step(config)
     params = [p for group in step.optimizer.param_groups for p in group["params"]]
@@ -92,7 +93,7 @@ def _release_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def cost_rows(results: list[dict]) -> list[dict]:
+def cost_rows(results: list[Result]) -> list[dict]:
     """One row per ok run: what it saves and what it costs, against the fp32/no-checkpointing
     run with the same micro-batch and accumulation where one was measured.
 
@@ -100,36 +101,33 @@ def cost_rows(results: list[dict]) -> list[dict]:
     memory_saving (fraction of the baseline's peak, or None), grad_rel_diff, loss_scale,
     skipped_steps, energy_j_per_sample.
     """
-    ok = [r for r in results if r["status"] == "ok"]
+    ok = [r for r in results if r.ok]
 
-    def key(config: dict) -> tuple:
+    def key(config: BenchConfig) -> tuple:
         # What a saving is compared across: everything but the saving itself and the
         # measurement settings.
         ignored = ("precision", "ckpt", "k", "seed", "warmup", "steps", "timeout_s")
-        return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in ignored))
+        return tuple(sorted((k, repr(v)) for k, v in config.to_dict().items() if k not in ignored))
 
-    baselines = {
-        key(r["config"]): r for r in ok if r["config"]["precision"] == "fp32" and r["config"]["ckpt"] == "none"
-    }
+    baselines = {key(r.config): r for r in ok if r.config.precision == "fp32" and r.config.ckpt == "none"}
     rows = []
     for r in ok:
-        m = r["metrics"]
-        base = baselines.get(key(r["config"]))
-        bm = base["metrics"] if base else {}
-        speed, base_speed = m.get("samples_per_s"), bm.get("samples_per_s")
-        peak, base_peak = m.get("peak_allocated_bytes"), bm.get("peak_allocated_bytes")
+        m = r.metrics
+        base = baselines.get(key(r.config))
+        speed, base_speed = m.samples_per_s, base.metrics.samples_per_s if base else None
+        peak, base_peak = m.peak_allocated_bytes, base.metrics.peak_allocated_bytes if base else None
         rows.append(
             {
-                "id": r["id"],
-                "config": r["config"],
+                "id": r.id,
+                "config": r.config,
                 "samples_per_s": speed,
                 "speedup": speed / base_speed if speed and base_speed else None,
                 "peak_allocated_bytes": peak,
                 "memory_saving": 1 - peak / base_peak if peak is not None and base_peak else None,
-                "grad_rel_diff": m.get("grad_rel_diff"),
-                "loss_scale": m.get("loss_scale"),
-                "skipped_steps": m.get("skipped_steps"),
-                "energy_j_per_sample": m.get("energy_j_per_sample"),
+                "grad_rel_diff": m.grad_rel_diff,
+                "loss_scale": m.loss_scale,
+                "skipped_steps": m.skipped_steps,
+                "energy_j_per_sample": m.energy_j_per_sample,
             }
         )
     return rows

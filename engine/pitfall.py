@@ -16,9 +16,9 @@ Steps alternate between the two timers, so drift (clocks, thermals) hits both al
 from __future__ import annotations
 
 from .config import BenchConfig
-from .isolated import call_isolated
 from .stats import Summary
 from .step import PerfCounterTimer, build_step, make_timer
+from .worker import Outcome, call
 
 PHASE_KEYS = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms")
 
@@ -47,7 +47,7 @@ def _synchronizer(device):
     return lambda: None
 
 
-def measure_pitfall(config: BenchConfig) -> dict:
+def measure_pitfall(config: BenchConfig, channel=None) -> dict:
     """Time ``config.steps`` steps with each method (after ``config.warmup`` warm-up steps)
     in this process. Returns device_type, asynchronous, correct_method, naive and correct
     (per-phase Summary dicts) and a one-sentence message."""
@@ -92,7 +92,9 @@ def _message(summaries: dict, asynchronous: bool) -> str:
     )
 
 
-def pitfall(config: BenchConfig, cancel=None) -> dict:
-    """``measure_pitfall`` in a fresh worker process, after waiting for the device;
-    raises ``isolated.IsolatedRunError`` (status oom/error/timeout/cancelled) on failure."""
-    return call_isolated(measure_pitfall, config, device=config.device, timeout_s=config.timeout_s, cancel=cancel)
+def pitfall(config: BenchConfig, progress=None, cancel=None) -> Outcome:
+    """``measure_pitfall`` in the device's worker process, after waiting for the device. The
+    Outcome's value is the comparison; a failure is its status (oom, error, timeout,
+    cancelled)."""
+    return call(measure_pitfall, config, device=config.device, timeout_s=config.timeout_s, progress=progress,
+                cancel=cancel)

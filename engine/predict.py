@@ -20,8 +20,10 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from . import checkpointing, models
-from .config import GIB, BenchConfig, resolve_device
+from . import presets
+from .config import GIB, BenchConfig
+from .devices import resolve_device
+from .results import Result
 
 DEFAULT_MARGIN = 0.05
 DEFAULT_CAPACITIES_GIB = (24.0, 40.0, 80.0, 141.0)
@@ -106,23 +108,25 @@ def curve_key(config: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in _MEASUREMENT_ONLY))
 
 
-def measured_points(results: Iterable[dict], config: BenchConfig, device_type: str) -> list[tuple[int, float, dict]]:
+def measured_points(results: Iterable[Result], config: BenchConfig, device_type: str) -> list[tuple[int, float, Result]]:
     """(batch, peak allocated bytes, result) of the ok results on ``config``'s memory curve
     measured on a ``device_type`` device ("cpu", "cuda"), newest result per batch
     (``results`` are assumed newest first, as the store lists them)."""
     key = curve_key(config.to_dict())
-    points: dict[int, tuple[int, float, dict]] = {}
+    points: dict[int, tuple[int, float, Result]] = {}
     for result in results:
-        peak = result["metrics"].get("peak_allocated_bytes")
-        if (
-            result["status"] != "ok"
-            or peak is None
-            or result["env"].get("device_type") != device_type
-            or curve_key(result["config"]) != key
-        ):
+        peak = result.metrics.peak_allocated_bytes
+        if not result.ok or peak is None or result.env.device_type != device_type \
+                or curve_key(result.config.to_dict()) != key:
             continue
-        points.setdefault(result["config"]["batch"], (result["config"]["batch"], float(peak), result))
+        points.setdefault(result.config.batch, (result.config.batch, float(peak), result))
     return sorted(points.values(), key=lambda p: p[0])
+
+
+def missing_configs(config: BenchConfig, points: Iterable[tuple[int, float]], wanted: Iterable[int]) -> list[BenchConfig]:
+    """``config`` at each wanted micro-batch that has no measured point yet (to run for a fit)."""
+    measured = {batch for batch, *_ in points}
+    return [config.replace(batch=batch) for batch in dict.fromkeys(wanted) if batch not in measured]
 
 
 # ------------------------------------------------------------------------- analytic
@@ -179,6 +183,8 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
     cached because the batch searches below ask for the same model many times."""
     import torch
 
+    from . import models
+
     try:
         with torch.device("meta"):
             model, _ = models.build(model_name, dict(overrides))
@@ -220,6 +226,8 @@ def optimizer_state_bytes(optimizer: str, n_params: int, n_param_tensors: int) -
 
 def checkpointed_blocks(ckpt: str, k: int, n_blocks: int) -> int:
     """How many of ``n_blocks`` blocks the checkpointing policy wraps (asks the policy)."""
+    from . import checkpointing
+
     policy = checkpointing.make_policy(ckpt, k)
     return sum(policy.selects(i, n_blocks) for i in range(n_blocks))
 
@@ -333,9 +341,9 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     params = _FP32 * facts.n_params  # parameters stay fp32; autocast casts copies
     grads = _FP32 * facts.n_params  # gradients of fp32 parameters are fp32
     optimizer = optimizer_state_bytes(config.optimizer, facts.n_params, facts.n_param_tensors)
-    if models.is_user_model(config.model) or models.PRESETS[config.model][0] != "gpt":
+    if presets.is_user_model(config.model) or presets.PRESETS[config.model][0] != "gpt":
         return AnalyticEstimate(params, grads, optimizer, None, None, None, None, ("no activation formula for this model",))
-    _, dims = models.preset_dims(config.model, config.overrides)
+    _, dims = presets.preset_dims(config.model, config.overrides)
     terms = _gpt_activation_terms(dims, b, config, facts)
     # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
     # with accumulation the earlier micro-batches' gradients do.
@@ -396,11 +404,15 @@ class Capacity:
     device_type: str  # decides the optimizer implementation in the analytic estimate
 
 
-def capacities(values_gib: Iterable[float], device_capacity_bytes: float | None = None, device_type: str = "cpu") -> list[Capacity]:
-    """The device first (when its capacity is known), then each typed GiB value as a GPU."""
+def capacities(values_gib: Iterable[float], device_capacity_bytes: float | None = None, device_type: str = "cpu",
+               capped: bool = False) -> list[Capacity]:
+    """The device first (when its capacity is known; ``capped``: it is the config's memory cap),
+    then each typed GiB value as a GPU."""
     named = []
     if device_capacity_bytes:
-        named.append(Capacity(f"this {device_type} ({device_capacity_bytes / GIB:.1f} GiB)", float(device_capacity_bytes), device_type))
+        size = f"{device_capacity_bytes / GIB:.1f} GiB"
+        label = f"memory cap {size} on this {device_type}" if capped else f"this {device_type} ({size})"
+        named.append(Capacity(label, float(device_capacity_bytes), device_type))
     for gib in values_gib:
         if not gib > 0:
             raise ValueError(f"a capacity must be > 0 GiB, got {gib!r}")

@@ -1,48 +1,41 @@
-"""The result schema (v1): building, classifying, validating, reading and writing results.
+"""The result schema (v1) as types: ``Result`` with its ``Metrics``, ``Env`` and
+``MemoryBreakdown``; building, classifying failures, reading and writing.
 
-One result is one JSON object (see ARCHITECTURE.md); many results are JSON Lines. Readers
-accept exactly one schema version and reject anything else with a message that names the
-file (and line) and the problem, so a dashboard never draws a chart from a half-understood
-file.
+One result is one JSON object; many results are JSON Lines. The dataclasses below are the
+schema: ``Result.from_dict`` checks every field against its declared type and range, so a
+reader accepts exactly one schema version and rejects anything else (wrong types,
+non-finite or out-of-range numbers, missing keys) with a message that names the file, the
+line, the field and the value. A dashboard never draws a chart from a half-understood file.
+
+Files written by earlier v1 builds keep reading: metric keys added since (``grad_rel_diff``,
+``allocator_retries``) default to null when absent.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import typing
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Any, Iterable, Literal
 
-from .config import BenchConfig
+from .config import BenchConfig, ConfigError, memory_limit_bytes
+from .stats import Summary
 
 SCHEMA = "tradeoff-lab/result/v1"
-STATUSES = ("ok", "oom", "error", "timeout", "cancelled")
+Status = Literal["ok", "oom", "error", "timeout", "cancelled"]
+STATUSES: tuple[str, ...] = typing.get_args(Status)
 FAILED_STATUSES = STATUSES[1:]
 PHASES = ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")
-SUMMARY_KEYS = ("median", "p10", "p90", "iqr_rel")
-METRIC_KEYS = (
-    "effective_batch",
-    *PHASES,
-    "samples_per_s",
-    "tokens_per_s",
-    "peak_allocated_bytes",
-    "peak_reserved_bytes",
-    "nvml_used_bytes",
-    "memory_breakdown_bytes",
-    "flops_per_step",
-    "hw_flops_per_step",
-    "mfu",
-    "loss_scale",
-    "skipped_steps",
-    "energy_j_per_sample",
-)
-BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "other")
-ENV_KEYS = ("device_type", "device_name", "capacity_bytes", "torch", "cuda", "driver", "python", "cpu")
-REQUIRED_KEYS = ("schema", "id", "status", "error", "created_at", "config", "env", "metrics", "samples")
-# The config fields every reader (show, dashboard) relies on; other fields may be absent in
-# results written by a build with fewer fields.
+# The config fields every reader relies on; others may be absent in results written by a
+# build with fewer fields, and take their defaults.
 REQUIRED_CONFIG_KEYS = ("model", "batch", "accum", "precision", "ckpt", "optimizer", "device")
+# Integers beyond int64 cannot be stored in SQLite or drawn exactly.
+_INT_LIMIT = 2**63 - 1
+_MAX_TEXT = 20_000
 
 # CPU allocators and the CUDA caching allocator report OOM as plain RuntimeErrors with these
 # phrases (glibc "can't allocate memory" surfaces through DefaultCPUAllocator; a failed C++
@@ -55,57 +48,371 @@ class ResultFormatError(ValueError):
     """A results file or object that is not a valid v1 result; the message names the source."""
 
 
-def _finite_or_none(value):
-    """JSON has no NaN/Infinity: a non-finite number becomes null (an unknown) recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(item) for item in value]
+# --------------------------------------------------------------------------- the types
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per role at the peak of the instrumented step."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    other: int
+
+    @property
+    def total(self) -> int:
+        """The five parts together: the instrumented step's peak."""
+        return sum(getattr(self, key) for key in BREAKDOWN_KEYS)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+BREAKDOWN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MemoryBreakdown))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Every metric of a run; None where unknown (all but ``effective_batch`` for a failed run)."""
+
+    effective_batch: int
+    step_ms: Summary | None = None
+    forward_ms: Summary | None = None
+    backward_ms: Summary | None = None
+    optimizer_ms: Summary | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    memory_breakdown_bytes: MemoryBreakdown | None = None
+    flops_per_step: int | None = None
+    hw_flops_per_step: int | None = None
+    mfu: float | None = None
+    loss_scale: float | None = None
+    skipped_steps: int | None = None
+    energy_j_per_sample: float | None = None
+    grad_rel_diff: float | None = None
+    allocator_retries: int | None = None
+
+    def phase(self, key: str) -> Summary | None:
+        """The Summary of a phase key (``step_ms``, ``backward_ms``...)."""
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        return {key: _plain(getattr(self, key)) for key in METRIC_KEYS}
+
+
+METRIC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Metrics))
+# Keys added to v1 after its first files were written: absent in those files, read as null.
+_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries")
+
+
+@dataclass(frozen=True)
+class Env:
+    """The environment a result was measured in."""
+
+    device_type: str | None = None
+    device_name: str | None = None
+    capacity_bytes: int | None = None
+    torch: str | None = None
+    cuda: str | None = None
+    driver: str | None = None
+    python: str | None = None
+    cpu: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The device in words: its name, else its type."""
+        return self.device_name or self.device_type or "unknown device"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ENV_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Env))
+
+
+@dataclass(frozen=True)
+class Result:
+    """One benchmark run: its configuration, environment, status and metrics."""
+
+    id: str
+    status: Status
+    created_at: str
+    config: BenchConfig
+    env: Env
+    metrics: Metrics
+    error: str | None = None
+    samples: dict[str, list[float]] | None = None
+    warnings: tuple[str, ...] = ()
+    sweep_id: str | None = None
+
+    @classmethod
+    def new(cls, config: BenchConfig, status: str, env: Env | dict, metrics: Metrics | None = None,
+            samples: dict | None = None, error: str | None = None, warnings: Iterable[str] = (),
+            sweep_id: str | None = None) -> "Result":
+        """A result with a fresh id and UTC timestamp.
+
+        For a failed status every metric is None except ``effective_batch`` and ``samples``
+        is None, whatever was passed: a failed run's numbers are unknown, not zero.
+        Non-finite numbers become None (JSON has no NaN).
+        """
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        if status == "ok" and metrics is not None:
+            metrics = dataclasses.replace(_finite_metrics(metrics), effective_batch=config.effective_batch)
+        else:
+            metrics, samples = Metrics(effective_batch=config.effective_batch), None
+        return cls(
+            id=uuid.uuid4().hex,
+            status=status,
+            created_at=datetime.now(timezone.utc).isoformat(),
+            config=config,
+            env=env if isinstance(env, Env) else Env(**{k: env.get(k) for k in ENV_KEYS}),
+            metrics=metrics,
+            error=error,
+            samples={key: list(values) for key, values in samples.items()} if samples else None,
+            warnings=tuple(warnings),
+            sweep_id=sweep_id,
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def memory_limit_bytes(self) -> float | None:
+        """The memory this run was allowed: its memory cap, else its device's capacity."""
+        return memory_limit_bytes(self.config.memory_cap_gib, self.env.capacity_bytes)
+
+    def replace(self, **changes: Any) -> "Result":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The v1 JSON object."""
+        return {
+            "schema": SCHEMA,
+            "id": self.id,
+            "status": self.status,
+            "error": self.error,
+            "created_at": self.created_at,
+            "config": self.config.to_dict(),
+            "env": self.env.to_dict(),
+            "metrics": self.metrics.to_dict(),
+            "samples": None if self.samples is None else {k: list(v) for k, v in self.samples.items()},
+            "sweep_id": self.sweep_id,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        """One JSON line (no newline)."""
+        return json.dumps(self.to_dict(), allow_nan=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, obj: Any, source: str = "result") -> "Result":
+        """The Result of a v1 JSON object; ResultFormatError naming ``source``, the field and the
+        problem for anything that is not exactly that."""
+        try:
+            return _decode_result(obj)
+        except _Invalid as exc:
+            raise ResultFormatError(f"{source}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- checking
+class _Invalid(ValueError):
+    """One problem found while decoding, phrased without the source."""
+
+
+def _plain(value):
+    if isinstance(value, (Summary, MemoryBreakdown)):
+        return value.to_dict()
     return value
 
 
-def new_result(
-    config: BenchConfig,
-    status: str,
-    env: dict,
-    metrics: dict | None = None,
-    samples: dict | None = None,
-    error: str | None = None,
-    warnings: list[str] | None = None,
-    sweep_id: str | None = None,
-) -> dict:
-    """A complete v1 result dict with a fresh id and UTC timestamp.
+def _finite_metrics(metrics: Metrics) -> Metrics:
+    changes = {key: None for key in METRIC_KEYS
+               if isinstance(value := getattr(metrics, key), float) and not math.isfinite(value)}
+    return dataclasses.replace(metrics, **changes) if changes else metrics
 
-    For a failed status every metric is None except ``effective_batch`` and ``samples`` is
-    None, whatever was passed: a failed run's numbers are unknown, not zero. Missing metric
-    keys of an ok run are filled with None so every result has the same keys.
-    """
-    if status not in STATUSES:
-        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-    full_metrics = {key: None for key in METRIC_KEYS}
+
+def _text(value, where: str, nullable: bool = True, limit: int = _MAX_TEXT) -> str | None:
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be a string{' or null' if nullable else ''}, got {_kind(value)}")
+    if len(value) > limit:
+        raise _Invalid(f"{where} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{where} holds a lone surrogate (not text)") from None
+    return value
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _integer(value, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"{where} must be an integer, got {_kind(value)}")
+    if not minimum <= value <= _INT_LIMIT:
+        shown = value if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+        raise _Invalid(f"{where} must be an integer from {minimum} to 2^63-1, got {shown}")
+    return value
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"{where} must be a number, got {_kind(value)}")
+    if isinstance(value, int) and abs(value) > _INT_LIMIT:
+        raise _Invalid(f"{where} is out of range ({len(str(abs(value)))} digits)")
+    if not math.isfinite(value):
+        raise _Invalid(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _summary(value, where: str) -> Summary:
+    if not isinstance(value, dict) or any(key not in value for key in ("median", "p10", "p90", "iqr_rel")):
+        raise _Invalid(f"{where} must be an object with median, p10, p90, iqr_rel")
+    numbers = {key: _number(value[key], f"{where}.{key}") for key in ("median", "p10", "p90", "iqr_rel")}
+    if any(v < 0 for v in numbers.values()):
+        raise _Invalid(f"{where} holds a negative time")
+    return Summary(**numbers)
+
+
+def _breakdown(value, where: str) -> MemoryBreakdown:
+    if not isinstance(value, dict) or any(key not in value for key in BREAKDOWN_KEYS):
+        raise _Invalid(f"{where} must be an object with {', '.join(BREAKDOWN_KEYS)}")
+    return MemoryBreakdown(**{key: _integer(value[key], f"{where}.{key}") for key in BREAKDOWN_KEYS})
+
+
+# Each metric's type without its None, resolved once: decoding runs for every stored row.
+_METRIC_KINDS = {key: next(a for a in typing.get_args(hint) if a is not type(None))
+                 for key, hint in typing.get_type_hints(Metrics).items() if key != "effective_batch"}
+
+
+def _metric(key: str, value):
+    if value is None:
+        return None
+    kind = _METRIC_KINDS[key]
+    where = f"metrics.{key}"
+    if kind is Summary:
+        return _summary(value, where)
+    if kind is MemoryBreakdown:
+        return _breakdown(value, where)
+    if kind is int:
+        return _integer(value, where)
+    number = _number(value, where)
+    if number < 0:
+        raise _Invalid(f"{where} must not be negative, got {number!r}")
+    return number
+
+
+def _decode_metrics(metrics, status: str) -> Metrics:
+    if not isinstance(metrics, dict):
+        raise _Invalid("metrics must be an object")
+    missing = [key for key in METRIC_KEYS if key not in metrics and key not in _LATER_METRIC_KEYS]
+    if missing:
+        raise _Invalid(f"metrics is missing {', '.join(missing)}")
+    values = {key: _metric(key, metrics.get(key)) for key in METRIC_KEYS if key != "effective_batch"}
+    effective = _integer(metrics["effective_batch"], "metrics.effective_batch", minimum=1)
     if status == "ok":
-        full_metrics.update(metrics or {})
+        for phase in PHASES:
+            if values[phase] is None:
+                raise _Invalid(f"metrics.{phase} must be an object for an ok result")
     else:
-        samples = None
-    full_metrics["effective_batch"] = config.effective_batch
-    result = {
-        "schema": SCHEMA,
-        "id": uuid.uuid4().hex,
-        "status": status,
-        "error": error,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "config": config.to_dict(),
-        "env": {key: env.get(key) for key in ENV_KEYS} | dict(env),
-        "metrics": _finite_or_none(full_metrics),
-        "samples": _finite_or_none(samples),
-        "sweep_id": sweep_id,
-        "warnings": list(warnings or []),
-    }
-    return result
+        filled = [key for key, value in values.items() if value is not None]
+        if filled:
+            raise _Invalid(f"a {status!r} result must have null metrics, but {', '.join(filled)} are set")
+    return Metrics(effective_batch=effective, **values)
 
 
+def _decode_samples(samples, status: str) -> dict | None:
+    if status != "ok":
+        return None
+    if not isinstance(samples, dict):
+        raise _Invalid("samples must be an object for an ok result")
+    out = {}
+    for key, values in samples.items():
+        _text(key, "samples key", nullable=False, limit=100)
+        if not isinstance(values, list):
+            raise _Invalid(f"samples.{key} must be a list of numbers")
+        out[key] = [_number(v, f"samples.{key}") for v in values]
+    return out
+
+
+def _decode_config(config) -> BenchConfig:
+    if not isinstance(config, dict):
+        raise _Invalid("config must be an object")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise _Invalid(f"config is missing {', '.join(missing)}")
+    try:
+        return BenchConfig.from_dict(config)
+    except ConfigError as exc:
+        raise _Invalid(f"config.{exc}") from None
+    except TypeError as exc:  # e.g. an unhashable value where a choice is expected
+        raise _Invalid(f"config: {exc}") from None
+
+
+def _decode_env(env) -> Env:
+    if not isinstance(env, dict):
+        raise _Invalid("env must be an object")
+    values = {key: _text(env.get(key), f"env.{key}", limit=500) for key in ENV_KEYS if key != "capacity_bytes"}
+    capacity = env.get("capacity_bytes")
+    return Env(capacity_bytes=None if capacity is None else _integer(capacity, "env.capacity_bytes"), **values)
+
+
+def _decode_result(obj) -> Result:
+    if not isinstance(obj, dict):
+        raise _Invalid(f"expected a result object, got {_kind(obj)}")
+    schema = obj.get("schema")
+    if schema != SCHEMA:
+        raise _Invalid(f"unsupported schema {_short(schema)}; this reader reads {SCHEMA!r}")
+    missing = [key for key in ("id", "status", "error", "created_at", "config", "env", "metrics", "samples")
+               if key not in obj]
+    if missing:
+        raise _Invalid(f"missing key(s): {', '.join(missing)}")
+    identifier = _text(obj["id"], "id", nullable=False, limit=200)
+    if not identifier:
+        raise _Invalid("id must be a non-empty string")
+    status = obj["status"]
+    if status not in STATUSES:
+        raise _Invalid(f"status {_short(status)} is not one of {', '.join(STATUSES)}")
+    created_at = _text(obj["created_at"], "created_at", nullable=False, limit=100)
+    try:
+        datetime.fromisoformat(created_at)
+    except ValueError:
+        raise _Invalid(f"created_at {created_at!r} is not ISO-8601") from None
+    error = _text(obj["error"], "error")
+    if status != "ok" and error is None:
+        raise _Invalid(f"a {status!r} result needs an error message (string)")
+    warnings = obj.get("warnings")
+    if warnings is not None and not isinstance(warnings, list):
+        raise _Invalid("warnings must be a list of strings")
+    return Result(
+        id=identifier,
+        status=status,
+        created_at=created_at,
+        config=_decode_config(obj["config"]),
+        env=_decode_env(obj["env"]),
+        metrics=_decode_metrics(obj["metrics"], status),
+        error=error,
+        samples=_decode_samples(obj["samples"], status),
+        warnings=tuple(_text(w, "warnings", nullable=False) for w in warnings or ()),
+        sweep_id=_text(obj.get("sweep_id"), "sweep_id", limit=200),
+    )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- failures
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory failure (CUDA/MPS allocator, CPU allocator, cap)."""
     if isinstance(exc, MemoryError):
@@ -126,78 +433,33 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
     return ("oom" if is_oom(exc) else "error"), message
 
 
-# ------------------------------------------------------------------------- validation
-def _check_summary(value, where: str) -> None:
-    if not isinstance(value, dict) or any(key not in value for key in SUMMARY_KEYS):
-        raise ValueError(f"{where} must be an object with {', '.join(SUMMARY_KEYS)}")
+# --------------------------------------------------------------------------- reading / writing
+def _loads(line: str):
+    # JSON has no NaN or Infinity; Python's reader accepts them (and 1e400 as inf) unless told.
+    def reject(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    value = json.loads(line, parse_constant=reject)
+    return value
 
 
-def validate(obj, source: str) -> dict:
-    """Return ``obj`` if it is a valid v1 result, else raise ResultFormatError naming ``source``."""
-
-    def fail(problem: str):
-        raise ResultFormatError(f"{source}: {problem}")
-
-    if not isinstance(obj, dict):
-        fail(f"expected a result object, got {type(obj).__name__}")
-    schema = obj.get("schema")
-    if schema != SCHEMA:
-        fail(f"unsupported schema {schema!r}; this reader reads {SCHEMA!r}")
-    missing = [key for key in REQUIRED_KEYS if key not in obj]
-    if missing:
-        fail(f"missing key(s): {', '.join(missing)}")
-    if not isinstance(obj["id"], str) or not obj["id"]:
-        fail("id must be a non-empty string")
-    status = obj["status"]
-    if status not in STATUSES:
-        fail(f"status {status!r} is not one of {', '.join(STATUSES)}")
-    if not isinstance(obj["created_at"], str):
-        fail("created_at must be an ISO-8601 string")
+def _load_one(text: str, where: str):
     try:
-        datetime.fromisoformat(obj["created_at"])
-    except ValueError:
-        fail(f"created_at {obj['created_at']!r} is not ISO-8601")
-    config = obj["config"]
-    if not isinstance(config, dict):
-        fail("config must be an object")
-    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
-    if missing:
-        fail(f"config is missing {', '.join(missing)}")
-    if not isinstance(obj["env"], dict):
-        fail("env must be an object")
-    metrics = obj["metrics"]
-    if not isinstance(metrics, dict):
-        fail("metrics must be an object")
-    missing = [key for key in METRIC_KEYS if key not in metrics]
-    if missing:
-        fail(f"metrics is missing {', '.join(missing)}")
-    if obj.get("sweep_id") is not None and not isinstance(obj["sweep_id"], str):
-        fail("sweep_id must be a string or null")
-    warnings = obj.get("warnings")
-    if warnings is not None and not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
-        fail("warnings must be a list of strings")
-    if status == "ok":
-        try:
-            for phase in PHASES:
-                _check_summary(metrics[phase], f"metrics.{phase}")
-        except ValueError as exc:
-            fail(str(exc))
-        if not isinstance(obj["samples"], dict):
-            fail("samples must be an object for an ok result")
-    else:
-        if not isinstance(obj["error"], str):
-            fail(f"a {status!r} result needs an error message (string)")
-        filled = [key for key in METRIC_KEYS if key != "effective_batch" and metrics[key] is not None]
-        if filled:
-            fail(f"a {status!r} result must have null metrics, but {', '.join(filled)} are set")
-    return obj
+        return _loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ResultFormatError(f"{where}: nested too deeply to be a result") from None
+    except ValueError as exc:
+        raise ResultFormatError(f"{where}: not valid JSON ({exc})") from None
 
 
-# ------------------------------------------------------------------------- reading / writing
-def parse_results(text: str, source: str) -> list[dict]:
+def parse_results(text: str, source: str) -> list[Result]:
     """Results from JSON Lines text (also one JSON object or a JSON list); validated.
 
     Raises ResultFormatError naming ``source`` (and the line for JSON Lines) and the problem.
+    Lines are split on "\\n" only: a JSON string may hold U+2028, which ``splitlines`` would
+    take for a line break.
     """
     stripped = text.strip()
     if not stripped:
@@ -206,26 +468,23 @@ def parse_results(text: str, source: str) -> list[dict]:
         # A whole-document JSON value: a list, or one pretty-printed object. (A one-line
         # object is read as JSON Lines below, so its errors name line 1.)
         try:
-            whole = json.loads(stripped)
-        except json.JSONDecodeError:
+            whole = _loads(stripped)
+        except (ValueError, RecursionError):
             whole = None  # not one document: fall through to JSON Lines
         if isinstance(whole, list):
-            return [validate(item, f"{source}: item {i + 1}") for i, item in enumerate(whole)]
+            return [Result.from_dict(item, f"{source}: item {i + 1}") for i, item in enumerate(whole)]
         if whole is not None:
-            return [validate(whole, source)]
+            return [Result.from_dict(whole, source)]
     results = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ResultFormatError(f"{source}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        results.append(validate(obj, f"{source}: line {number}"))
+        where = f"{source}: line {number}"
+        results.append(Result.from_dict(_load_one(line, where), where))
     return results
 
 
-def read_results(path: str | os.PathLike) -> list[dict]:
+def read_results(path: str | os.PathLike) -> list[Result]:
     """Validated results from a JSON Lines file (or a JSON object/list file).
 
     Raises ResultFormatError for content problems and OSError if the file cannot be read.
@@ -239,16 +498,12 @@ def read_results(path: str | os.PathLike) -> list[dict]:
     return parse_results(text, os.fspath(path))
 
 
-def dumps_jsonl(results: Iterable[dict]) -> str:
-    """JSON Lines text, one result per line, each validated first."""
-    lines = []
-    for i, result in enumerate(results):
-        validate(result, f"result {i + 1} to write")
-        lines.append(json.dumps(result, allow_nan=False, separators=(",", ":")) + "\n")
-    return "".join(lines)
+def dumps_jsonl(results: Iterable[Result]) -> str:
+    """JSON Lines text, one result per line."""
+    return "".join(result.to_json() + "\n" for result in results)
 
 
-def write_jsonl(path: str | os.PathLike, results: Iterable[dict], append: bool = True) -> None:
+def write_jsonl(path: str | os.PathLike, results: Iterable[Result], append: bool = True) -> None:
     """Write results as JSON Lines (appending by default); creates the parent directory."""
     text = dumps_jsonl(results)
     parent = os.path.dirname(os.fspath(path))

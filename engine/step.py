@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpointing, models
-from .config import resolve_device
+from .devices import resolve_device
 
 PHASES = ("forward", "backward", "optimizer")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

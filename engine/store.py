@@ -13,7 +13,7 @@ import os
 import sqlite3
 from typing import Iterable, Iterator
 
-from .results import validate
+from .results import Result, ResultFormatError
 
 DEFAULT_PATH = os.path.join("data", "runs.sqlite")
 DB_VERSION = 1
@@ -37,6 +37,13 @@ CREATE INDEX IF NOT EXISTS runs_sweep_id ON runs (sweep_id, created_at);
 
 class StoreError(RuntimeError):
     """The database file cannot be used (not SQLite, newer format, unwritable); names the path."""
+
+
+def _decode_row(row_id: str, text: str) -> Result | tuple[str, str]:
+    try:
+        return Result.from_dict(json.loads(text), f"stored run {row_id}")
+    except (ResultFormatError, ValueError, RecursionError) as exc:
+        return row_id, str(exc)
 
 
 def default_path() -> str:
@@ -73,39 +80,41 @@ class Store:
             conn.close()
 
     @staticmethod
-    def _row(result: dict) -> tuple:
-        return (
-            result["id"],
-            result["created_at"],
-            result["status"],
-            result["config"]["model"],
-            result.get("sweep_id"),
-            json.dumps(result, allow_nan=False, separators=(",", ":")),
-        )
+    def _row(result: Result) -> tuple:
+        return (result.id, result.created_at, result.status, result.config.model, result.sweep_id, result.to_json())
 
-    def add(self, result: dict) -> bool:
-        """Store one result (validated first); False if a result with its id is already stored."""
+    def add(self, result: Result) -> bool:
+        """Store one result; False if a result with its id is already stored."""
         added, _ = self.add_many([result])
         return added == 1
 
-    def add_many(self, results: Iterable[dict]) -> tuple[int, int]:
+    def add_many(self, results: Iterable[Result]) -> tuple[int, int]:
         """Store results in one transaction; returns (added, skipped_duplicates)."""
-        rows = [self._row(validate(result, f"result {i + 1} to store")) for i, result in enumerate(results)]
+        rows = [self._row(result) for result in results]
         with self._connect() as conn, conn:
             before = conn.total_changes
             conn.executemany("INSERT OR IGNORE INTO runs (id, created_at, status, model, sweep_id, json) VALUES (?, ?, ?, ?, ?, ?)", rows)
             added = conn.total_changes - before
         return added, len(rows) - added
 
-    def get(self, id: str) -> dict | None:
-        """The result with this id, or None."""
-        with self._connect() as conn:
-            row = conn.execute("SELECT json FROM runs WHERE id = ?", (id,)).fetchone()
-        return json.loads(row[0]) if row else None
+    def get(self, id: str) -> Result | None:
+        """The result with this id, or None (also when its row is unreadable)."""
+        found = self.list(ids=[id])
+        return found[0] if found else None
 
     def list(self, model: str | None = None, status: str | None = None, sweep_id: str | None = None,
-             ids: Iterable[str] | None = None, limit: int | None = None) -> list[dict]:
-        """Results matching every given filter, newest first, at most ``limit``."""
+             ids: Iterable[str] | None = None, limit: int | None = None) -> list[Result]:
+        """Results matching every given filter, newest first, at most ``limit``. Rows that do
+        not read as a valid result are left out (``unreadable()`` lists them)."""
+        return [result for result in self._rows(model, status, sweep_id, ids, limit) if isinstance(result, Result)]
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """(id, problem) of every stored row that is not a valid result (written by another
+        version, or damaged): pages show these as unreadable so they can be deleted."""
+        return [row for row in self._rows() if not isinstance(row, Result)]
+
+    def _rows(self, model=None, status=None, sweep_id=None, ids=None, limit=None) -> list:
+        """Matching rows, each a Result or an (id, problem) pair."""
         where, params = [], []
         for column, value in (("model", model), ("status", status), ("sweep_id", sweep_id)):
             if value is not None:
@@ -118,7 +127,7 @@ class Store:
             # json_each keeps one bound parameter however many ids are asked for.
             where.append("id IN (SELECT value FROM json_each(?))")
             params.append(json.dumps(ids))
-        sql = "SELECT json FROM runs"
+        sql = "SELECT id, json FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC"
@@ -127,7 +136,7 @@ class Store:
             params.append(int(limit))
         with self._connect() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [json.loads(row[0]) for row in rows]
+        return [_decode_row(row_id, text) for row_id, text in rows]
 
     def latest_sweep_id(self) -> str | None:
         """The sweep id of the newest result that belongs to a sweep, or None."""
@@ -148,6 +157,3 @@ class Store:
         """Number of stored results."""
         with self._connect() as conn:
             return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-
-    def close(self) -> None:
-        """Nothing to release (connections are per call); kept so callers can treat Store as a resource."""

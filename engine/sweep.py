@@ -7,7 +7,9 @@ import uuid
 from typing import Callable
 
 from .config import FIELD_NAMES, BenchConfig, ConfigError
-from .worker import Worker, run_isolated
+from .progress import Progress, ProgressFn
+from .results import Result
+from .worker import run
 
 OVERRIDE_PREFIX = "overrides."
 
@@ -61,34 +63,28 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
 
 def run_sweep(
     configs: list[BenchConfig],
-    progress: Callable[[dict], None] | None = None,
-    on_result: Callable[[dict], None] | None = None,
+    progress: ProgressFn | None = None,
+    on_result: Callable[[Result], None] | None = None,
     cancel: threading.Event | None = None,
-    worker: Worker | None = None,
-) -> list[dict]:
-    """Run ``configs`` in order in a warm worker; returns one result per config run.
+) -> list[Result]:
+    """Run ``configs`` in order in the device's warm worker; returns one result per config run.
 
     Failures (oom, error, timeout) are results and the sweep goes on; a cancel stops it
     after the cancelled config's result. All results share one new ``sweep_id``. Progress
-    events get ``index`` (1-based config number) and ``count`` (configs in the sweep)
-    added; their own ``total`` (steps in the phase) is kept. ``on_result`` sees each result
-    as it arrives (to store or print it).
+    events carry ``index`` (1-based config number) and ``count`` (configs in the sweep).
+    ``on_result`` sees each result as it arrives (to store or print it).
     """
     sweep_id = uuid.uuid4().hex
-    results: list[dict] = []
+    results: list[Result] = []
     count = len(configs)
     for index, config in enumerate(configs, start=1):
-        def forward(event: dict, index: int = index) -> None:
-            progress({**event, "index": index, "count": count})
+        def forward(event: Progress, index: int = index) -> None:
+            progress(event.within(index=index, count=count))
 
-        on_progress = forward if progress is not None else None
-        if worker is None:
-            result = run_isolated(config, on_progress, cancel, sweep_id)
-        else:
-            result = worker.run(config, on_progress, cancel, sweep_id)
+        result = run(config, forward if progress is not None else None, cancel, sweep_id)
         results.append(result)
         if on_result is not None:
             on_result(result)
-        if result["status"] == "cancelled":
+        if result.status == "cancelled":
             break
     return results

@@ -22,8 +22,8 @@ import time
 import weakref
 
 from .config import BenchConfig
-from .isolated import call_isolated
 from .step import PhaseTimer, build_step
+from .worker import Outcome, call
 
 
 class _MarkRecorder(PhaseTimer):
@@ -187,20 +187,21 @@ def record_timeline(config: BenchConfig) -> dict:
     }
 
 
-def record_timelines(configs: list[BenchConfig]) -> list[dict]:
+def record_timelines(configs: list[BenchConfig], channel=None) -> list[dict]:
     """``record_timeline`` of each config in turn (each step is freed before the next)."""
     return [record_timeline(config) for config in configs]
 
 
-def timelines(configs: list[BenchConfig], cancel=None) -> list[dict]:
-    """Timelines of one or more configs (e.g. checkpointing none vs full, to overlay) in one
-    fresh worker process, after waiting for the device; raises ``isolated.IsolatedRunError``
-    (status oom/error/timeout/cancelled) on failure."""
+def timelines(configs: list[BenchConfig], progress=None, cancel=None) -> Outcome:
+    """Timelines of one or more configs (e.g. checkpointing none vs full, to overlay) in a
+    fresh worker process (an untouched allocator), after waiting for the device. The
+    Outcome's value is the list of timelines; a failure is its status (oom, error, timeout,
+    cancelled)."""
     devices = {config.device for config in configs}
     if len(devices) != 1:
         raise ValueError(f"timelines to overlay must use one device, got {sorted(devices)}")
-    return call_isolated(record_timelines, list(configs), device=configs[0].device,
-                         timeout_s=sum(config.timeout_s for config in configs), cancel=cancel)
+    return call(record_timelines, list(configs), device=configs[0].device,
+                timeout_s=sum(config.timeout_s for config in configs), progress=progress, cancel=cancel, fresh=True)
 
 
 def phase_peaks(record: dict) -> list[dict]:

@@ -1,14 +1,20 @@
-"""Run each benchmark in a worker process, so an OOM, crash or hang never harms the caller.
+"""The one way the engine isolates work: a worker process per device, so an OOM, crash or
+hang never harms the caller, and one failure style, an ``Outcome`` (or a ``Result``) with a
+status, for benchmarks and decision tools alike.
 
-A ``Worker`` keeps one spawn-context subprocess warm and reuses it for the next config
+A ``Worker`` keeps one spawn-context subprocess warm and reuses it for the next call
 (importing torch and the engine costs seconds, which would dominate a sweep of small
-configs). After any failure the process is discarded and the next config gets a fresh one,
+configs). After any failure the process is discarded and the next call gets a fresh one,
 because a process that ran out of memory, timed out or raised mid-step may hold leaked
-allocator state, a lowered memory limit or half-initialised CUDA state.
+allocator state, a lowered memory limit or half-initialised CUDA state. A tool that needs
+an untouched process (``fresh=True``, e.g. the memory timeline) gets a new one.
 
-Protocol on the pipe (child -> parent): ("ready", pid) once, then per run ("env", env),
-any number of ("progress", event) and finally ("result", result). Parent -> child:
-(config, sweep_id) per run, or None to exit.
+Every call first waits for its device in the machine-wide queue (``devicelock``), so two
+callers never measure one device at once.
+
+Protocol on the pipe (child -> parent): ("ready", pid) once, then per call any number of
+("progress", Progress) and ("env", dict), and finally ("done", value) or ("failed",
+status, message). Parent -> child: (func, args) per call, or None to exit.
 """
 from __future__ import annotations
 
@@ -24,18 +30,100 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from .config import GIB, BenchConfig, resolve_device
+from .config import GIB, BenchConfig
 from .devicelock import device_queue
-from .results import classify_exception, new_result
+from .devices import resolve_device
+from .progress import Progress, ProgressFn
+from .results import Env, Result, classify_exception
 
 STARTUP_TIMEOUT_S = 120.0
 POLL_S = 0.05
-Progress = Callable[[dict], None] | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an isolated call gave: ``value`` when ``status`` is "ok", else ``error`` says why
+    ("oom", "error", "timeout", "cancelled")."""
+
+    status: str
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Channel:
+    """What a function running in the worker may tell its caller while it runs."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def progress(self, event: Progress) -> None:
+        """Forward a progress event to the caller."""
+        self._conn.send(("progress", event))
+
+    def env(self, env: dict) -> None:
+        """The environment being measured, so a failure the child cannot report still names it."""
+        self._conn.send(("env", env))
 
 
 # ------------------------------------------------------------------------- child side
+def _error_message(exc: BaseException) -> tuple[str, str]:
+    """classify_exception's (status, message), plus where a non-OOM error was raised."""
+    status, message = classify_exception(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    if status == "error" and frames:
+        where = frames[-1]
+        message += f" (at {where.filename}:{where.lineno} in {where.name})"
+    return status, message
+
+
+def _release_memory() -> None:
+    """Free what the last call left so the next one starts from an empty allocator."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _child_main(conn) -> None:
+    # The parent decides when a call stops: Ctrl-C in a terminal reaches the whole process
+    # group, and the parent then kills this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Whatever user code or libraries print goes to stderr, so a caller's stdout (e.g.
+    # `python -m engine run --json`) carries only its own output.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    # Loaded before "ready": importing torch takes seconds, which must not count against
+    # the first call's timeout.
+    from . import measure  # noqa: F401
+
+    conn.send(("ready", os.getpid()))
+    channel = Channel(conn)
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if message is None:
+            return
+        func, args = message
+        try:
+            reply = ("done", func(*args, channel))
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            reply = ("failed", *_error_message(exc))
+        del func, args
+        conn.send(reply)
+        del reply
+        _release_memory()
+
+
+# ------------------------------------------------------------------------- benchmarks
 def _address_space_bytes() -> int:
     """Current virtual address-space size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -70,28 +158,23 @@ def _cpu_memory_cap(config: BenchConfig, device: str):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _error_message(exc: BaseException) -> tuple[str, str]:
-    """classify_exception's (status, message), plus where a non-OOM error was raised."""
-    status, message = classify_exception(exc)
-    frames = traceback.extract_tb(exc.__traceback__)
-    if status == "error" and frames:
-        where = frames[-1]
-        message += f" (at {where.filename}:{where.lineno} in {where.name})"
-    return status, message
+_child_envs: dict[str, dict] = {}  # per device, in the worker process
 
 
-def _run_one(config: BenchConfig, sweep_id: str | None, conn, envs: dict, run_benchmark) -> dict:
-    from .envinfo import env_info
+def benchmark_in_worker(config: BenchConfig, sweep_id: str | None, channel: Channel) -> Result:
+    """Run one benchmark inside the worker process; a failure becomes a Result with its status."""
+    from .devices import env_info
+    from .measure import run_benchmark
 
     device = resolve_device(config.device)
-    if device not in envs:
-        envs[device] = env_info(device)
-    env = envs[device]
-    conn.send(("env", env))
+    if device not in _child_envs:
+        _child_envs[device] = env_info(device)
+    env = _child_envs[device]
+    channel.env(env)
     failure = None
     try:
         with _cpu_memory_cap(config, device):
-            result = run_benchmark(config, lambda event: conn.send(("progress", dict(event))))
+            result = run_benchmark(config, channel.progress)
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
         failure = _error_message(exc)
     # Built outside the cap, so reporting an OOM never itself runs out of memory.
@@ -99,47 +182,13 @@ def _run_one(config: BenchConfig, sweep_id: str | None, conn, envs: dict, run_be
         status, message = failure
         if status == "oom" and config.memory_cap_gib is not None and device == "cpu":
             message += f" (CPU memory cap: {config.memory_cap_gib:g} GiB)"
-        result = new_result(config, status, env, error=message)
-    result["sweep_id"] = sweep_id
-    return result
-
-
-def _release_memory() -> None:
-    """Free what the last run left so the next config starts from an empty allocator."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _child_main(conn) -> None:
-    # The parent decides when a run stops: Ctrl-C in a terminal reaches the whole process
-    # group, and the parent then kills this process itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Whatever user code or libraries print goes to stderr, so a caller's stdout (e.g.
-    # `python -m engine run --json`) carries only its own output.
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    from .measure import run_benchmark
-
-    conn.send(("ready", os.getpid()))
-    envs: dict[str, dict] = {}
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if message is None:
-            return
-        config, sweep_id = message
-        result = _run_one(config, sweep_id, conn, envs, run_benchmark)
-        conn.send(("result", result))
-        _release_memory()
+        result = Result.new(config, status, env, error=message)
+    return result.replace(sweep_id=sweep_id)
 
 
 # ------------------------------------------------------------------------- parent side
 class _Stop(Exception):
-    """A run ends without a result from the child: status and message of the failure."""
+    """A call ends without a reply from the child: status and message of the failure."""
 
     def __init__(self, status: str, message: str):
         super().__init__(message)
@@ -151,15 +200,12 @@ def _fallback_env(device: str) -> dict:
     """What the parent knows without touching the device (initialising CUDA in the caller
     would put a CUDA context on the GPU being measured)."""
     torch = sys.modules.get("torch")
-    return {
-        "device_type": device.split(":")[0],
-        "torch": getattr(torch, "__version__", None),
-        "python": platform.python_version(),
-    }
+    return {"device_type": device.split(":")[0], "torch": getattr(torch, "__version__", None),
+            "python": platform.python_version()}
 
 
 class Worker:
-    """One warm worker process, reused between configs and replaced after any failure."""
+    """One warm worker process, reused between calls and replaced after any failure."""
 
     def __init__(self) -> None:
         self._ctx = mp.get_context("spawn")
@@ -173,17 +219,18 @@ class Worker:
         """The warm process's pid, or None when no process is running."""
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
-    def run(self, config: BenchConfig, progress: Progress = None, cancel: threading.Event | None = None,
-            sweep_id: str | None = None) -> dict:
-        """Run one benchmark in the worker; always returns a result dict.
+    def call(self, func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,
+             cancel: threading.Event | None = None, fresh: bool = False) -> Outcome:
+        """``func(*args, channel)`` in the worker process, after waiting for ``device``.
 
-        Waits for the device first (``devicelock.device_queue``; while queued, progress gets
-        ``{"phase": "queued", "position": n}``). Status is "ok", "oom", "error" (exception
-        or the worker died), "timeout" (past ``config.timeout_s`` from the start of the run)
-        or "cancelled" (``cancel`` was set). An exception raised by ``progress`` (e.g. a UI
-        stopping the script) kills the worker and propagates.
+        ``func`` must be a module-level function, its arguments and return value picklable.
+        Never raises for a failure of the call: the Outcome's status is "oom" or "error"
+        (it raised, or the process died), "timeout" (past ``timeout_s``) or "cancelled"
+        (``cancel`` was set). While queued, ``progress`` gets ``Progress("queued",
+        position=n)``. An exception raised by ``progress`` itself (e.g. a UI stopping the
+        script) kills the worker and propagates.
         """
-        device = resolve_device(config.device)
+        device = resolve_device(device)
         last_position = None
 
         def on_wait(position: int) -> None:
@@ -191,37 +238,55 @@ class Worker:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled while waiting for the device")
             if progress is not None and position != last_position:
-                progress({"phase": "queued", "position": position})
+                progress(Progress("queued", position=position))
             last_position = position
 
         try:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled before it started")
             with device_queue(device, on_wait), self._lock:
-                return self._run_here(config, device, progress, cancel, sweep_id)
+                return self._call_here(func, args, device, timeout_s, progress, cancel, fresh)
         except _Stop as stop:
-            env = self._envs.get(device) or _fallback_env(device)
-            return new_result(config, stop.status, env, error=stop.message, sweep_id=sweep_id)
+            return Outcome(stop.status, error=stop.message)
 
-    def _run_here(self, config, device, progress, cancel, sweep_id) -> dict:
+    def run(self, config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+            sweep_id: str | None = None) -> Result:
+        """Benchmark ``config`` in the worker; always returns a Result ("ok", "oom", "error",
+        "timeout" or "cancelled")."""
+        outcome = self.call(benchmark_in_worker, config, sweep_id, device=config.device, timeout_s=config.timeout_s,
+                            progress=progress, cancel=cancel)
+        if outcome.ok:
+            return outcome.value
+        device = resolve_device(config.device)
+        env = self._envs.get(device) or _fallback_env(device)
+        return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
+
+    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh) -> Outcome:
         try:
+            if fresh:
+                self._kill()
             if self._proc is None or not self._proc.is_alive():
                 self._start(cancel)
-            self._conn.send((config, sweep_id))
-            deadline = time.monotonic() + config.timeout_s
+            self._conn.send((func, args))
+            deadline = time.monotonic() + timeout_s
             while True:
-                kind, payload = self._next_message(deadline, cancel, config.timeout_s)
+                kind, *payload = self._next_message(deadline, cancel, timeout_s)
                 if kind == "env":
-                    self._envs[device] = payload
-                elif kind == "progress" and progress is not None:
-                    progress(payload)
-                elif kind == "result":
-                    if payload["status"] != "ok":
-                        self._kill()
-                    return payload
+                    self._envs[device] = payload[0]
+                elif kind == "progress":
+                    if progress is not None:
+                        progress(payload[0])
+                elif kind == "done":
+                    value = payload[0]
+                    if isinstance(value, Result) and not value.ok:
+                        self._kill()  # a failed benchmark may leave the process in a bad state
+                    return Outcome("ok", value)
+                elif kind == "failed":
+                    self._kill()
+                    return Outcome(payload[0], error=payload[1])
         except BaseException:
-            # A failed run, a timeout, a cancel, or the caller's own exception: the child
-            # is mid-run or broken, and the next config must get a clean one.
+            # A timeout, a cancel, a death, or the caller's own exception: the child is
+            # mid-call or broken, and the next call must get a clean one.
             self._kill()
             raise
 
@@ -231,13 +296,13 @@ class Worker:
         self._proc.start()
         child_conn.close()  # only the child holds its end, so its death reads as EOF here
         self._conn = parent_conn
-        kind, _ = self._next_message(time.monotonic() + STARTUP_TIMEOUT_S, cancel, STARTUP_TIMEOUT_S)
+        kind, *_ = self._next_message(time.monotonic() + STARTUP_TIMEOUT_S, cancel, STARTUP_TIMEOUT_S)
         if kind != "ready":
             raise _Stop("error", f"worker failed to start (sent {kind!r})")
 
     def _next_message(self, deadline: float, cancel, timeout_s: float) -> tuple:
         while True:
-            # Messages first: a result that arrived just before a death or deadline counts.
+            # Messages first: a reply that arrived just before a death or deadline counts.
             if self._conn.poll():
                 try:
                     return self._conn.recv()
@@ -289,14 +354,22 @@ _shared_lock = threading.Lock()
 
 
 def shared_worker(device: str) -> Worker:
-    """The process-wide warm worker for a (resolved) device."""
+    """The process-wide warm worker for a device."""
+    device = resolve_device(device)
     with _shared_lock:
         if device not in _shared:
             _shared[device] = Worker()
         return _shared[device]
 
 
-def run_isolated(config: BenchConfig, progress: Progress = None, cancel: threading.Event | None = None,
-                 sweep_id: str | None = None) -> dict:
-    """``Worker.run`` on a shared warm worker per device; safe to call from many threads."""
-    return shared_worker(resolve_device(config.device)).run(config, progress, cancel, sweep_id)
+def run(config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+        sweep_id: str | None = None) -> Result:
+    """``Worker.run`` on the shared warm worker of the config's device; safe from many threads."""
+    return shared_worker(config.device).run(config, progress, cancel, sweep_id)
+
+
+def call(func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,
+         cancel: threading.Event | None = None, fresh: bool = False) -> Outcome:
+    """``Worker.call`` on the shared warm worker of ``device``; safe from many threads."""
+    return shared_worker(device).call(func, *args, device=device, timeout_s=timeout_s, progress=progress,
+                                      cancel=cancel, fresh=fresh)

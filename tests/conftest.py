@@ -1,4 +1,5 @@
-"""Shared pytest set-up: the `gpu` marker and skipping it without CUDA."""
+"""Shared pytest set-up: every test gets its own device-queue directory and database, and
+``gpu`` tests skip without CUDA. Markers and the per-test timeout live in pyproject.toml."""
 import os
 import sys
 
@@ -9,9 +10,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-    config.addinivalue_line("markers", "browser: drives headless Chromium against a live app")
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path, monkeypatch):
+    """A private lock directory and database per test: no test waits behind a benchmark
+    another process runs on this machine, and none sees another's stored runs."""
+    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("TRADEOFF_LAB_DB", str(tmp_path / "runs.sqlite"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """Compare page: the latest sweep by default, failed runs as placeholders, environments, diff."""
-from tests.app_fixtures import H100_ENV, app_db, chart, chart_titles, make_result, make_sweep, open_app  # noqa: F401
+from tests.app_fixtures import (H100_ENV, app_db, chart, chart_titles, make_result, make_sweep, open_app,  # noqa: F401
+                                with_metrics)
 
 MAIN_CHARTS = ["Throughput", "Peak memory", "Backward time"]
 
@@ -46,18 +47,17 @@ def test_runs_chosen_on_the_results_page_open_here(app_db):
     runs = make_sweep("s", batches=(1, 2, 4))
     app_db.add_many(runs)
     at = open_app("views/compare.py")
-    at.session_state["compare.ids"] = [runs[0]["id"], runs[2]["id"]]
+    at.session_state["compare.ids"] = [runs[0].id, runs[2].id]
     at.run()
     assert at.selectbox(key="compare.source").value == "Hand-picked runs"
-    assert at.multiselect(key="compare.runs").value == [runs[0]["id"], runs[2]["id"]]
+    assert at.multiselect(key="compare.runs").value == [runs[0].id, runs[2].id]
     assert sum(len(t["x"]) for t in chart(at, "Throughput")["data"]) == 2
 
 
 def test_numerical_cost_and_energy_sit_beside_the_gains(app_db):
-    runs = make_sweep("s", batches=(2,), precisions=("fp32", "bf16", "fp16"))
-    for run, diff, joules in zip(runs, (0.0, 4e-3, 9e-4), (0.30, 0.18, 0.19)):
-        run["metrics"].update(grad_rel_diff=diff, energy_j_per_sample=joules)
-    runs[2]["metrics"].update(loss_scale=32768.0, skipped_steps=1)
+    runs = [with_metrics(run, grad_rel_diff=diff, energy_j_per_sample=joules) for run, diff, joules in
+            zip(make_sweep("s", batches=(2,), precisions=("fp32", "bf16", "fp16")), (0.0, 4e-3, 9e-4), (0.30, 0.18, 0.19))]
+    runs[2] = with_metrics(runs[2], loss_scale=32768.0, skipped_steps=1)
     app_db.add_many(runs)
     at = open_app("views/compare.py")
     assert "Numerical cost and energy" in [s.value for s in at.subheader]
@@ -65,7 +65,7 @@ def test_numerical_cost_and_energy_sit_beside_the_gains(app_db):
     assert figure["data"][0]["y"] == [0.0, 4e-3, 9e-4]
     [table] = [d.value for d in at.dataframe if "grad_rel_diff" in d.value.columns]
     bf16 = table[table["config"].str.contains("bf16")].iloc[0]
-    assert bf16["speed-up"] == runs[1]["metrics"]["samples_per_s"] / runs[0]["metrics"]["samples_per_s"]
+    assert bf16["speed-up"] == runs[1].metrics.samples_per_s / runs[0].metrics.samples_per_s
     assert bf16["memory saved %"] == 0.0 and bf16["J/sample"] == 0.18  # the fixture's peak ignores precision
     fp16 = table[table["config"].str.contains("fp16")].iloc[0]
     assert (fp16["loss scale"], fp16["skipped steps"]) == (32768.0, 1)

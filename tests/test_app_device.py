@@ -1,13 +1,13 @@
 """Device page: a plain notice and the CPU without a GPU; live GPU numbers when NVML has some."""
-from engine import devices
+from engine import devices, nvml
 from engine.config import GIB
 from tests.app_fixtures import app_db, open_app  # noqa: F401 - app_db is a fixture
 
 
 def test_without_a_gpu_the_page_says_so_and_names_the_cpu(app_db, monkeypatch):
-    monkeypatch.setattr(devices, "list_gpus", lambda: [])
-    monkeypatch.setattr(devices, "nvml_message", lambda: "No NVIDIA driver found (NVML: Driver Not Loaded)")
-    monkeypatch.setattr(devices, "cpu_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(nvml, "list_gpus", lambda: [])
+    monkeypatch.setattr(nvml, "unavailable_reason", lambda: "No NVIDIA driver found (NVML: Driver Not Loaded)")
+    monkeypatch.setattr(devices, "cpu_model_name", lambda: "Test CPU 9000")
     at = open_app("views/device.py")
     [notice] = at.info
     assert "No NVIDIA driver found" in notice.value and "Test CPU 9000" in notice.value
@@ -15,12 +15,14 @@ def test_without_a_gpu_the_page_says_so_and_names_the_cpu(app_db, monkeypatch):
 
 
 def test_gpus_are_listed_with_memory_utilisation_temperature_and_power(app_db, monkeypatch):
-    gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_bytes": 20 * GIB, "memory_total_bytes": 80 * GIB,
-           "utilization_pct": 97, "temperature_c": 61, "power_w": 612.4, "driver": "570.86", "cuda": "12.8"}
-    monkeypatch.setattr(devices, "list_gpus", lambda: [gpu])
-    monkeypatch.setattr(devices, "default_device", lambda: "cuda")
+    gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0000", "memory_used_bytes": 20 * GIB,
+           "memory_total_bytes": 80 * GIB, "utilization_pct": 97, "temperature_c": 61, "power_w": 612.4,
+           "driver": "570.86", "cuda": "12.8"}
+    monkeypatch.setattr(nvml, "list_gpus", lambda: [gpu])
+    monkeypatch.setattr(devices, "resolve_device", lambda device: "cuda")
     at = open_app("views/device.py")
     assert at.subheader[0].value == "GPU 0: NVIDIA H100 80GB HBM3"
     assert [m.value for m in at.metric] == ["20.0 / 80.0 GiB", "97 %", "61 °C", "612 W"]
     assert at.get("progress")[0].value == 25
     assert "Driver 570.86 · CUDA 12.8" in [c.value for c in at.caption]
+    assert "Runs with device auto use cuda." in at.caption[-1].value

@@ -2,6 +2,7 @@
 import html as html_text
 import json
 import re
+import sqlite3
 
 from app import exports, storage
 from engine.results import dumps_jsonl, parse_results
@@ -55,8 +56,8 @@ def test_a_corrupt_file_imports_nothing_and_says_why(app_db):
 
 def test_a_wrong_version_bundle_imports_nothing(app_db):
     results = make_sweep(batches=(1, 2), precisions=("fp32",))
-    lines = [json.dumps(r) for r in results]
-    lines[1] = json.dumps({**results[1], "schema": "tradeoff-lab/result/v2"})
+    lines = [r.to_json() for r in results]
+    lines[1] = json.dumps({**results[1].to_dict(), "schema": "tradeoff-lab/result/v2"})
     at = upload(open_app("views/results.py"), ("future.jsonl", "\n".join(lines).encode()))
     [error] = messages(at)[1]
     assert "future.jsonl: line 2: unsupported schema 'tradeoff-lab/result/v2'" in error
@@ -65,7 +66,7 @@ def test_a_wrong_version_bundle_imports_nothing(app_db):
 
 def test_load_demo_data_puts_real_recorded_runs_in_the_store(app_db):
     demo = [r for path in sorted(storage.DEMO_DIR.glob("*.jsonl")) for r in parse_results(path.read_text(), path.name)]
-    assert demo and all(r["env"]["device_type"] == "cpu" for r in demo)  # labelled with where they ran
+    assert demo and all(r.env.device_type == "cpu" for r in demo)  # labelled with where they ran
     at = click(open_app("views/results.py"), "Load demo data")
     assert app_db.count() == len(demo)
     assert "imported" in messages(at)[0][0]
@@ -84,6 +85,20 @@ def test_exports_round_trip_and_the_report_is_standalone():
     assert not re.search(r"<script[^>]+src=", html) and "plotly.js v" in html.lower()
     for title in ("Throughput", "Peak memory", "Backward time", "Phase breakdown", "Memory breakdown"):
         assert f'"text":"{title}"' in html
-    assert results[0]["env"]["device_name"] in html and "OOM" in html
+    assert results[0].env.device_name in html and "OOM" in html
     embedded = re.search(r"<pre>(.*?)</pre>", html, re.S).group(1)
     assert parse_results(html_text.unescape(embedded), "report") == results
+
+
+def test_unreadable_stored_runs_are_named_and_can_be_deleted(app_db):
+    app_db.add_many(make_sweep(batches=(1,), precisions=("fp32",)))
+    with sqlite3.connect(app_db.path) as conn:  # a row written by some other version
+        conn.execute("INSERT INTO runs (id, created_at, status, model, sweep_id, json) VALUES "
+                     "('broken', '2024-01-01T00:00:00+00:00', 'ok', 'gpt-tiny', NULL, '{\"schema\": \"v9\"}')")
+    at = open_app("views/results.py")
+    assert len(at.dataframe[0].value) == 1
+    assert at.expander[0].label == "1 stored run(s) cannot be read and are not shown"
+    assert "stored run broken" in at.code[0].value and "unsupported schema" in at.code[0].value
+    click(at, "Delete the unreadable runs")
+    assert app_db.count() == 1 and not app_db.unreadable()
+    assert not [e for e in at.expander if "cannot be read" in e.label]

@@ -1,41 +1,25 @@
 """Run page: real tiny CPU benchmarks started from the page, the device queue, sweeps, cancel,
 and the link (query-parameter) contract."""
-import time
-
 import pytest
 
+from app import form, params
 from app.params import parse_query_params, to_query_params
-from engine import devicelock, models
-from tests.app_fixtures import app_db, chart_titles, click, open_app  # noqa: F401 - app_db is a fixture
+from engine import devicelock, models, presets
+from engine.config import FIELD_NAMES, SCALAR_FIELDS, BenchConfig
+from tests.app_fixtures import (TINY_DIMS, app_db, chart_titles, click, finished, open_app, task,  # noqa: F401
+                                tiny_settings, wait_until)
 
-TINY_DIMS = {"seq_len": 32, "d_model": 64, "n_layers": 2, "n_heads": 2, "vocab": 256}
-RUN_TIMEOUT_S = 180
-
-
-def tiny_settings(at, steps: int = 2):
-    """gpt-tiny with tiny dimensions on the CPU: a run takes well under a second once warm."""
-    for name, value in TINY_DIMS.items():
-        at.number_input(key=f"run.dim.gpt-tiny.{name}").set_value(value)
-    at.number_input(key="run.warmup").set_value(1)
-    at.number_input(key="run.steps").set_value(steps)
-    at.selectbox(key="run.device").set_value("cpu")
-    return at.run()
-
-
-def poll(at, until, timeout: float = RUN_TIMEOUT_S):
-    """Rerun the page (as the fragment's polling would) until ``until(snapshot)`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        at.run()
-        snapshot = at.session_state["run.job"].snapshot()
-        if until(snapshot):
-            return snapshot
-        assert time.monotonic() < deadline, f"job stuck: {snapshot.describe()}"
-        time.sleep(0.2)
+TASK = "run.task"
 
 
 def progress_texts(at) -> list[str]:
     return [p.text for p in at.get("progress")]
+
+
+def sidebar_keys(at) -> list[str]:
+    """Keys of the sidebar's widgets that belong to the configuration form."""
+    widgets = [*at.sidebar.selectbox, *at.sidebar.number_input, *at.sidebar.text_input]
+    return [w.key for w in widgets if w.key and w.key.startswith(form.PREFIX)]
 
 
 def test_a_tiny_cpu_benchmark_waits_for_the_device_then_is_stored_and_shown(app_db):
@@ -44,16 +28,14 @@ def test_a_tiny_cpu_benchmark_waits_for_the_device_then_is_stored_and_shown(app_
     # Someone else is benchmarking on the CPU: the page says so and where we are in the queue.
     with devicelock.device_queue("cpu"):
         click(at, "Run benchmark")
-        poll(at, lambda s: s.queue_position == 1, timeout=30)
+        wait_until(at, lambda at: task(at, TASK).queue_position == 1, timeout=30, what="the device queue")
         assert any("waiting for the device (place 1 in the queue)" in text for text in progress_texts(at))
         assert not app_db.count()
-    snapshot = poll(at, lambda s: s.finished)
-    assert [r["status"] for r in snapshot.results] == ["ok"], snapshot.results[0]["error"]
-    at.run()
-    assert not at.exception
+    state = wait_until(at, finished(TASK)).session_state[TASK].state()
+    assert [r.status for r in state.results] == ["ok"], state.results[0].error
     [stored] = app_db.list()
-    assert stored["id"] == snapshot.results[0]["id"]
-    assert stored["config"]["overrides"] == TINY_DIMS and stored["env"]["device_type"] == "cpu"
+    assert stored.id == state.results[0].id
+    assert stored.config.overrides == TINY_DIMS and stored.env.device_type == "cpu"
     assert chart_titles(at) == ["Throughput", "Peak memory", "Backward time"]
     assert [m.label for m in at.metric][:2] == ["Throughput (tokens/s)", "Peak memory (GiB)"]
     assert at.subheader[0].value == "Latest results"
@@ -68,13 +50,13 @@ def test_a_sweep_shows_its_queue_and_stores_every_run_as_one_sweep(app_db):
     click(at, "Run benchmark")
     queue = at.dataframe[0].value
     assert list(queue["batch"]) == [1, 2] and queue["state"].iloc[1] in ("waiting", "running")
-    snapshot = poll(at, lambda s: s.finished)
-    at.run()
+    wait_until(at, finished(TASK))
+    state = task(at, TASK)
     stored = app_db.list()
-    assert sorted(r["config"]["batch"] for r in stored) == [1, 2]
-    assert len({r["sweep_id"] for r in stored}) == 1 and stored[0]["sweep_id"]
+    assert sorted(r.config.batch for r in stored) == [1, 2]
+    assert len({r.sweep_id for r in stored}) == 1 and stored[0].sweep_id
     assert list(at.dataframe[0].value["state"]) == ["done", "done"]
-    assert [r["status"] for r in snapshot.results] == ["ok", "ok"]
+    assert [r.status for r in state.results] == ["ok", "ok"]
     assert chart_titles(at) == ["Throughput", "Peak memory", "Backward time"]
 
 
@@ -84,7 +66,7 @@ def test_an_invalid_sweep_value_is_an_error_not_a_crash(app_db):
     at.multiselect(key="run.sweep.fields").set_value(["batch"]).run()
     at.text_input(key="run.sweep.batch").set_value("1,two").run()
     assert not at.exception
-    assert "batch" in at.error[0].value and "comma-separated whole numbers" in at.error[0].value
+    assert "batch" in at.error[0].value and "comma-separated values, each an integer >= 1" in at.error[0].value
     assert [b for b in at.button if b.label == "Run benchmark"][0].disabled
 
 
@@ -93,21 +75,23 @@ def test_query_parameters_round_trip(app_db):
             "optimizer": "sgd", "steps": "7"}
     at = open_app(query=link)
     assert not at.warning
-    assert at.selectbox(key="run.model").value == "gpt-small"
-    assert at.number_input(key="run.batch").value == 4 and at.number_input(key="run.accum").value == 2
-    assert at.selectbox(key="run.precision").value == "bf16" and at.selectbox(key="run.ckpt").value == "every-k"
-    assert at.number_input(key="run.k").value == 3 and at.selectbox(key="run.optimizer").value == "sgd"
-    assert at.number_input(key="run.steps").value == 7
-    assert at.query_params == link
+    assert at.selectbox(key="config.model").value == "gpt-small"
+    assert at.number_input(key="config.batch").value == 4 and at.number_input(key="config.accum").value == 2
+    assert at.selectbox(key="config.precision").value == "bf16" and at.selectbox(key="config.ckpt").value == "every-k"
+    assert at.number_input(key="config.k").value == 3 and at.selectbox(key="config.optimizer").value == "sgd"
+    assert at.number_input(key="config.steps").value == 7
+    # The URL names every setting: the link's values, the defaults for the others.
+    defaults = {field.name: field.format(field.default) for field in SCALAR_FIELDS}
+    assert at.query_params == {**defaults, **link}
     assert "Effective batch: 4 × 2 = **8**" in [c.value for c in at.caption]
     # Changing a setting changes the URL and the link to copy.
-    at.number_input(key="run.batch").set_value(16).run()
+    at.number_input(key="config.batch").set_value(16).run()
     assert at.query_params["batch"] == "16"
     assert "batch=16" in at.code[0].value and "model=gpt-small" in at.code[0].value
     # The settings survive a visit to another page.
     at.switch_page("views/compare.py").run()
     at.switch_page("views/run.py").run()
-    assert at.number_input(key="run.batch").value == 16 and at.selectbox(key="run.model").value == "gpt-small"
+    assert at.number_input(key="config.batch").value == 16 and at.selectbox(key="config.model").value == "gpt-small"
 
 
 def test_invalid_query_parameters_fall_back_to_defaults_with_a_warning(app_db, monkeypatch):
@@ -116,21 +100,70 @@ def test_invalid_query_parameters_fall_back_to_defaults_with_a_warning(app_db, m
 
     monkeypatch.setattr(models, "load_user_builder", never)
     at = open_app(query={"model": "os:system", "batch": "zero", "accum": "-1", "precision": "fp8", "ckpt": "full",
-                         "steps": "0"})
+                         "steps": "0", "device": "cuda:7", "seq_len": "many", "width": "3"})
     assert not at.exception and not at.error
     warnings = " ".join(w.value for w in at.warning)
-    for name in ("model", "batch", "accum", "precision", "steps"):
+    for name in ("model", "batch", "accum", "precision", "steps", "device", "seq\\_len", "width"):
         assert f"Link parameter {name}=" in warnings
-    assert at.selectbox(key="run.model").value == "gpt-tiny" and at.number_input(key="run.batch").value == 8
-    assert at.selectbox(key="run.precision").value == "fp32"
-    assert at.selectbox(key="run.ckpt").value == "full"  # the valid one is kept
+    # What the link said and what is allowed, as plain text (a link cannot inject Markdown).
+    assert "precision='fp8' ignored \\(allowed\\: fp32, fp16, bf16\\)" in warnings
+    assert at.selectbox(key="config.model").value == "gpt-tiny" and at.number_input(key="config.batch").value == 8
+    assert at.selectbox(key="config.precision").value == "fp32"
+    assert at.selectbox(key="config.ckpt").value == "full"  # the valid one is kept
     assert at.query_params["batch"] == "8" and at.query_params["model"] == "gpt-tiny"
+    assert at.query_params["device"] == "auto" and "seq_len" not in at.query_params
 
 
 def test_link_helpers_never_put_a_module_in_a_link():
     settings, warnings = parse_query_params({"model": "evil.module:build", "batch": ["2", "3"]})
     assert settings == {"batch": 3} and "not a built-in model" in warnings[0]
-    assert "model" not in to_query_params({"model": "mypkg.models:build", "batch": 2})
+    assert "model" not in to_query_params(BenchConfig(model="mypkg.models:build", batch=2))
+
+
+def test_the_form_and_the_link_list_exactly_the_configs_fields(app_db):
+    # The form: one widget per field (the model dimensions stand for "overrides").
+    at = open_app()
+    keys = sidebar_keys(at)
+    dims = [k for k in keys if k.startswith(form.dim_key("gpt-tiny", ""))]
+    assert {k.removeprefix(form.PREFIX) for k in keys if k not in dims} == set(FIELD_NAMES) - {"overrides"}
+    assert [k.removeprefix(form.dim_key("gpt-tiny", "")) for k in dims] == list(presets.preset_dims("gpt-tiny")[1])
+    assert at.number_input(key="config.k").disabled  # k only applies with every-k checkpointing
+    # The link: every scalar field by its name, every changed dimension by its --set key.
+    everything = {name: value + 1 for name, value in presets.preset_dims("gpt-tiny")[1].items()}
+    everything["d_model"] = everything["n_heads"] * 40  # heads must divide the width
+    config = BenchConfig(overrides=everything, memory_cap_gib=0.5)
+    assert set(to_query_params(config)) == {f.name for f in SCALAR_FIELDS} | set(everything)
+    # ... and reading it back gives the same configuration.
+    settings, warnings = parse_query_params(to_query_params(config))
+    assert not warnings and BenchConfig(**settings) == config
+    # Every model dimension of every preset is a link parameter.
+    for model in presets.PRESETS:
+        _, dims = presets.preset_dims(model)
+        assert set(dims) <= set(presets.dimension_names())
+
+
+def test_a_link_with_model_dimensions_and_warmup_restores_them_and_the_run_carries_them(app_db):
+    link = {"model": "gpt-tiny", **{name: str(value) for name, value in TINY_DIMS.items()}, "warmup": "2",
+            "steps": "2", "device": "cpu", "memory_cap_gib": "3.5", "seed": "7"}
+    at = open_app(query=link)
+    assert not at.warning, [w.value for w in at.warning]
+    for name, value in TINY_DIMS.items():
+        assert at.number_input(key=form.dim_key("gpt-tiny", name)).value == value
+    assert at.number_input(key="config.warmup").value == 2
+    assert at.number_input(key="config.memory_cap_gib").value == 3.5 and at.number_input(key="config.seed").value == 7
+    assert {name: at.query_params[name] for name in link} == link
+    click(at, "Run benchmark")
+    wait_until(at, finished(TASK))
+    [stored] = app_db.list()
+    assert stored.status == "ok", stored.error
+    assert stored.config.overrides == TINY_DIMS and stored.config.warmup == 2
+    assert stored.config.memory_cap_gib == 3.5 and stored.config.seed == 7
+
+
+def test_presentation_mode_travels_in_the_link(app_db):
+    at = open_app(query={params.PRESENT: "1"})
+    assert at.session_state["presentation"] is True
+    assert at.query_params[params.PRESENT] == "1"
 
 
 @pytest.mark.parametrize("allowed", [False, True])
@@ -144,12 +177,11 @@ def test_a_user_model_field_only_when_the_setting_allows_it(app_db, monkeypatch,
 def test_cancel_stops_a_running_benchmark_and_records_it(app_db):
     at = tiny_settings(open_app(), steps=100_000)
     click(at, "Run benchmark")
-    poll(at, lambda s: s.event.get("phase") in ("warmup", "measure"))
+    wait_until(at, lambda at: task(at, TASK).event.phase in ("warmup", "measure"), what="the benchmark to start")
     click(at, "Cancel")
-    snapshot = poll(at, lambda s: s.finished, timeout=60)
-    at.run()
-    assert [r["status"] for r in snapshot.results] == ["cancelled"]
-    assert app_db.list()[0]["status"] == "cancelled"
+    wait_until(at, finished(TASK), timeout=60)
+    assert [r.status for r in task(at, TASK).results] == ["cancelled"]
+    assert app_db.list()[0].status == "cancelled"
     assert at.error[0].value.startswith("CANCELLED")
 
 
@@ -157,14 +189,8 @@ def test_find_batch_size_from_the_run_page_shows_the_trials(app_db):
     at = tiny_settings(open_app())
     at.number_input(key="run.find.max").set_value(2).run()
     click(at, "Find batch size")
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not at.session_state["run.find"].done:
-        assert time.monotonic() < deadline, at.session_state["run.find"].describe()
-        time.sleep(0.3)
-        at.run()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    report = at.session_state["run.find"].value
+    wait_until(at, finished("run.find"))
+    report = task(at, "run.find").value
     assert report["max_batch"] == 2 and [t["batch"] for t in report["trials"]] == [1, 2]
     assert [m.value for m in at.metric if m.label == "Largest micro-batch that fits"] == ["2"]
     assert "Batch finder trials" in chart_titles(at)

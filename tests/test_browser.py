@@ -96,8 +96,8 @@ def test_a_shared_link_runs_gpt_tiny_and_draws_the_three_charts(browser_availabl
             run_button = page.get_by_role("button", name="Run benchmark")
             run_button.wait_for(timeout=START_TIMEOUT_S * 1000)
             # The link's settings are in the form.
-            assert page.get_by_label("Micro-batch size").input_value() == "2"
-            assert page.get_by_label("Measured steps").input_value() == "2"
+            assert page.get_by_label("Micro-batch size", exact=True).input_value() == "2"
+            assert page.get_by_label("Measured steps", exact=True).input_value() == "2"
             run_button.click()
             for title in ("Throughput", "Peak memory", "Backward time"):
                 page.locator(".js-plotly-plot .gtitle", has_text=title).first.wait_for(timeout=RUN_TIMEOUT_S * 1000)
@@ -105,5 +105,5 @@ def test_a_shared_link_runs_gpt_tiny_and_draws_the_three_charts(browser_availabl
         finally:
             browser.close()
     [result] = Store(db).list()
-    assert result["status"] == "ok", result["error"]
-    assert result["config"]["batch"] == 2 and result["config"]["steps"] == 2
+    assert result.status == "ok", result.error
+    assert result.config.batch == 2 and result.config.steps == 2

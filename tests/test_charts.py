@@ -1,9 +1,14 @@
-"""The dashboard's figure builders, checked as pure functions on ``fig.to_dict()``."""
+"""The per-run figure builders (app/charts/runs.py) and the shared layout, checked as pure
+functions on ``fig.to_dict()``."""
+import dataclasses
+
+import plotly.graph_objects as go
 import pytest
 
-from app import charts
+from app.charts import common
+from app.charts import runs as charts
 from engine.config import GIB
-from tests.app_fixtures import CPU_ENV, H100_ENV, make_result, make_sweep
+from tests.app_fixtures import CPU_ENV, H100_ENV, make_result, make_sweep, with_metrics
 
 
 def _bars(fig_dict: dict) -> list[dict]:
@@ -11,7 +16,7 @@ def _bars(fig_dict: dict) -> list[dict]:
 
 
 def _failed(fig_dict: dict) -> dict:
-    [trace] = [t for t in fig_dict["data"] if t.get("name") == charts.FAILED_NAME]
+    [trace] = [t for t in fig_dict["data"] if t.get("name") == common.FAILED_NAME]
     return trace
 
 
@@ -31,7 +36,7 @@ def test_three_charts_have_titles_units_one_bar_per_run_and_oom_placeholders(bui
     assert fig["layout"]["title"]["text"] == title
     assert fig["layout"]["yaxis"]["title"]["text"] == unit
     labels = charts.run_labels(results)
-    ok_labels = [label for label, r in zip(labels, results) if r["status"] == "ok"]
+    ok_labels = [label for label, r in zip(labels, results) if r.ok]
     assert sorted(x for bar in _bars(fig) for x in bar["x"]) == sorted(ok_labels)  # one bar per ok run
     failed = _failed(fig)
     assert failed["x"] == ["b4 · fp32", "b4 · bf16"] and failed["y"] == [0, 0]
@@ -41,29 +46,28 @@ def test_three_charts_have_titles_units_one_bar_per_run_and_oom_placeholders(bui
 
 def test_error_bars_come_from_p10_and_p90():
     result = make_result(batch=2)
-    step = result["metrics"]["step_ms"]
+    step = result.metrics.step_ms
     [bar] = _bars(charts.build_backward_time([result]).to_dict())
-    backward = result["metrics"]["backward_ms"]
-    assert bar["error_y"]["array"][0] == pytest.approx(backward["p90"] - backward["median"])
-    assert bar["error_y"]["arrayminus"][0] == pytest.approx(backward["median"] - backward["p10"])
+    backward = result.metrics.backward_ms
+    assert bar["error_y"]["array"][0] == pytest.approx(backward.p90 - backward.median)
+    assert bar["error_y"]["arrayminus"][0] == pytest.approx(backward.median - backward.p10)
     # Throughput is the inverse of step time: the slow (p90) step gives the low end.
     [bar] = _bars(charts.build_throughput([result]).to_dict())
-    value = result["metrics"]["tokens_per_s"]
+    value = result.metrics.tokens_per_s
     assert bar["y"][0] == pytest.approx(value)
-    assert bar["error_y"]["arrayminus"][0] == pytest.approx(value - value * step["median"] / step["p90"])
-    assert bar["error_y"]["array"][0] == pytest.approx(value * step["median"] / step["p10"] - value)
+    assert bar["error_y"]["arrayminus"][0] == pytest.approx(value - value * step.median / step.p90)
+    assert bar["error_y"]["array"][0] == pytest.approx(value * step.median / step.p10 - value)
 
 
 def test_throughput_falls_back_to_samples_per_second_without_a_sequence_length():
-    result = make_result(batch=2)
-    result["metrics"]["tokens_per_s"] = None
+    result = with_metrics(make_result(batch=2), tokens_per_s=None)
     fig = charts.build_throughput([result]).to_dict()
     assert fig["layout"]["yaxis"]["title"]["text"] == "samples/s"
-    assert _bars(fig)[0]["y"][0] == pytest.approx(result["metrics"]["samples_per_s"])
+    assert _bars(fig)[0]["y"][0] == pytest.approx(result.metrics.samples_per_s)
 
 
 def test_memory_chart_draws_the_capacity_and_the_memory_cap_as_lines():
-    near = dict(CPU_ENV, capacity_bytes=int(0.5 * GIB))  # close enough to the bars to stay on the scale
+    near = dataclasses.replace(CPU_ENV, capacity_bytes=int(0.5 * GIB))  # close enough to the bars to stay on the scale
     results = [make_result(env=near, batch=2), make_result("oom", batch=8, memory_cap_gib=0.25)]
     fig = charts.build_peak_memory(results).to_dict()
     lines = sorted(shape["y0"] for shape in fig["layout"]["shapes"])
@@ -107,11 +111,11 @@ def test_breakdowns_are_stacked_with_one_bar_per_run_and_part():
     assert phases["layout"]["barmode"] == "stack"
     assert [b["name"] for b in _bars(phases)] == ["forward", "backward", "optimizer"]
     assert all(b["x"] == ["b1"] for b in _bars(phases))
-    assert _bars(phases)[1]["y"] == [results[0]["metrics"]["backward_ms"]["median"]]
+    assert _bars(phases)[1]["y"] == [results[0].metrics.backward_ms.median]
     memory = charts.build_memory_breakdown(results).to_dict()
     assert [b["name"] for b in _bars(memory)] == ["params", "grads", "optimizer", "activations", "other"]
     assert memory["layout"]["yaxis"]["title"]["text"] == "GiB"
-    assert _bars(memory)[0]["y"] == [pytest.approx(results[0]["metrics"]["memory_breakdown_bytes"]["params"] / GIB)]
+    assert _bars(memory)[0]["y"] == [pytest.approx(results[0].metrics.memory_breakdown_bytes.params / GIB)]
     assert _statuses(memory) == [("b2", "OOM")]
 
 
@@ -121,7 +125,7 @@ def test_sweep_lines_have_one_line_per_other_setting_and_failed_points():
     fig = charts.build_sweep_lines(results, "batch", "throughput").to_dict()
     assert fig["layout"]["title"]["text"] == "Throughput vs batch"
     assert fig["layout"]["xaxis"]["type"] == "log"
-    lines = [t for t in fig["data"] if t.get("name") != charts.FAILED_NAME]
+    lines = [t for t in fig["data"] if t.get("name") != common.FAILED_NAME]
     assert [(t["name"], list(t["x"])) for t in lines] == [("precision=fp32", [1, 2]), ("precision=bf16", [1, 2])]
     assert _failed(fig)["x"] == [4, 4] and _failed(fig)["text"] == ["OOM", "OOM"]
 
@@ -136,9 +140,9 @@ def test_a_fixed_effective_batch_sweep_is_one_line_not_one_per_accumulation():
 
 def test_presentation_layout_scales_a_copy():
     fig = charts.build_throughput([make_result()])
-    big = charts.presentation_layout(fig).to_dict()
-    assert big["layout"]["font"]["size"] > 12 and big["layout"]["height"] > charts.CHART_HEIGHT
-    assert fig.to_dict()["layout"]["height"] == charts.CHART_HEIGHT
+    big = common.presentation_layout(fig).to_dict()
+    assert big["layout"]["font"]["size"] > 12 and big["layout"]["height"] > common.CHART_HEIGHT
+    assert fig.to_dict()["layout"]["height"] == common.CHART_HEIGHT
 
 
 def test_a_sweep_over_a_field_some_runs_lack_is_categorical():
@@ -146,3 +150,12 @@ def test_a_sweep_over_a_field_some_runs_lack_is_categorical():
     fig = charts.build_sweep_lines(results, "memory_cap_gib", "peak_memory").to_dict()
     assert fig["layout"]["xaxis"]["type"] == "category"
     assert list(fig["data"][0]["x"]) == ["None", "0.5"] and _failed(fig)["x"] == ["0.25"]
+
+
+def test_one_layout_helper_places_title_legend_and_axes():
+    layout = common.layout(go.Figure(), "T", x_title="x", y_title="y", legend="below", right=50,
+                           barmode="group").to_dict()["layout"]
+    assert layout["title"] == {"text": "T", "y": 0.98, "yanchor": "top"} and layout["height"] == common.CHART_HEIGHT
+    assert layout["legend"] == common.LEGENDS["below"] and layout["margin"] == {"l": 50, "r": 50, "t": 60, "b": 40}
+    assert layout["xaxis"]["title"]["text"] == "x" and layout["yaxis"]["title"]["text"] == "y"
+    assert layout["barmode"] == "group"

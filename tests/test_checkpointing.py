@@ -47,7 +47,7 @@ def test_activation_memory_full_much_less_and_bf16_less():
     def activations(ckpt, precision):
         step = make_step(batch=4, ckpt=ckpt, precision=precision, overrides=MEMORY_DIMS)
         step.run()  # optimizer state exists, as after warm-up
-        return memory.memory_breakdown(step)["activations"]
+        return memory.memory_breakdown(step).activations
 
     none_fp32 = activations("none", "fp32")
     assert activations("full", "fp32") < 0.5 * none_fp32

@@ -7,20 +7,20 @@ import sys
 import pytest
 
 from engine import cli
-from engine.config import FIELD_NAMES
-from engine.results import read_results, validate
+from engine.config import FIELD_NAMES, SCALAR_FIELDS
+from engine.results import Result, read_results
 from engine.store import Store
-from tests.test_results import ok_result
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+from tests.test_results import ok_dict
 TINY = ["--model", "gpt-tiny", "--set", "n_layers=2", "--set", "seq_len=32", "--set", "d_model=64",
         "--set", "n_heads=2", "--set", "vocab=256", "--warmup", "1", "--steps", "2", "--device", "cpu"]
 
 
 @pytest.fixture
-def env(tmp_path):
-    # A private device queue, so these runs never wait behind other benchmarks here.
-    return {**os.environ, "TRADEOFF_LAB_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": ROOT}
+def env():
+    # The test's own device queue and database (conftest), so these runs never wait behind
+    # other benchmarks here.
+    return {**os.environ, "PYTHONPATH": ROOT}
 
 
 def _start(args, env):
@@ -35,11 +35,11 @@ def _finish(proc, timeout=120):
 
 @pytest.fixture
 def bad_files(tmp_path):
-    good = json.dumps(ok_result())
+    good = json.dumps(ok_dict())
     malformed = tmp_path / "malformed.jsonl"
     malformed.write_text(good + "\nthis is not json\n")
     old = tmp_path / "old.jsonl"
-    old.write_text(json.dumps({**ok_result(), "schema": "tradeoff-lab/result/v0"}) + "\n")
+    old.write_text(json.dumps({**ok_dict(), "schema": "tradeoff-lab/result/v0"}) + "\n")
     not_db = tmp_path / "not.sqlite"
     not_db.write_text("plain text, not SQLite\n" * 50)
     return {"malformed": malformed, "old": old, "not_db": not_db}
@@ -95,10 +95,14 @@ def test_more_bad_input_in_process(args, phrase, bad_files, capsys):
     assert captured.out == ""
 
 
-def test_every_config_field_has_a_flag():
+@pytest.mark.parametrize("command", ["run", "sweep", "find-batch", "predict", "timeline", "pitfall"])
+def test_the_config_flags_are_exactly_the_config_fields(command):
     parser = cli.build_parser()
-    args = parser.parse_args(["run"])
-    assert set(FIELD_NAMES) <= set(vars(args))
+    subparser = parser._subparsers._group_actions[0].choices[command]
+    config_dests = {a.dest for a in subparser._actions if a.dest in FIELD_NAMES or a.option_strings[:1] == ["--set"]}
+    assert config_dests == set(FIELD_NAMES)
+    flags = {a.option_strings[0] for a in subparser._actions if a.dest in FIELD_NAMES}
+    assert flags == {f.flag for f in SCALAR_FIELDS} | {"--set"}
 
 
 def test_run_stores_writes_and_prints_json(env, tmp_path):
@@ -106,33 +110,31 @@ def test_run_stores_writes_and_prints_json(env, tmp_path):
     code, stdout, stderr = _finish(_start(["run", *TINY, "--batch", "2", "--json", "--out", str(out), "--db", str(db)], env))
     assert code == 0, stderr
     [line] = stdout.splitlines()  # only the result on stdout; progress went to stderr
-    result = validate(json.loads(line), "stdout")
-    assert result["status"] == "ok" and result["config"]["batch"] == 2
-    assert "measure" in stderr
+    result = Result.from_dict(json.loads(line), "stdout")
+    assert result.status == "ok" and result.config.batch == 2
+    assert "measuring step" in stderr
     assert read_results(out) == [result]
-    assert Store(db).get(result["id"]) == result
+    assert Store(db).get(result.id) == result
 
 
-def test_a_failed_run_is_a_result_with_exit_code_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+def test_a_failed_run_is_a_result_with_exit_code_1(capsys):
     assert cli.main(["run", "--model", "tests.helper_models:exits", "--device", "cpu", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["error"] == "worker died: exit code 3"
 
 
-def test_sweep_with_effective_batch_then_show(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
+def test_sweep_with_effective_batch_then_show(tmp_path, capsys):
     out = tmp_path / "sweep.jsonl"
     assert cli.main(["sweep", *TINY, "--batch", "1,3", "--effective-batch", "2", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "note: batch 3 skipped: does not divide effective batch 2" in captured.err
     [result] = read_results(out)
-    assert (result["config"]["batch"], result["config"]["accum"], result["status"]) == (1, 2, "ok")
-    assert result["id"][:8] in captured.out  # the closing table
+    assert (result.config.batch, result.config.accum, result.status) == (1, 2, "ok")
+    assert result.id[:8] in captured.out  # the closing table
 
     assert cli.main(["show", str(out)]) == 0
     header, rule, row = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["id", "status", "model"]
-    assert row.split()[:3] == [result["id"][:8], "ok", "gpt-tiny"]
+    assert row.split()[:3] == [result.id[:8], "ok", "gpt-tiny"]
 
 
 def test_devices_says_what_is_there(capsys):
@@ -141,6 +143,18 @@ def test_devices_says_what_is_there(capsys):
     assert "Benchmarks with --device auto run on:" in out
     if "run on: cpu" in out:
         assert "NVIDIA" in out  # says plainly why there is no GPU
+
+
+def test_show_and_recommend_start_without_torch(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(ok_dict(batch=2)) + "\n")
+    code = ("import sys; from engine import cli; "
+            f"cli.main(['show', {str(path)!r}]); "
+            f"cli.main(['recommend', '--results', {str(path)!r}, '--effective-batch', '2', '--memory-budget-gib', '1']); "
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "no torch", out.stdout + out.stderr
+    assert "Best: batch 2" in out.stdout
 
 
 def test_show_empty_file(tmp_path, capsys):

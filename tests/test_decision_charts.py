@@ -1,8 +1,9 @@
-"""Decision figure builders (app/charts.py, "Decision figures"), checked on fig.to_dict()."""
-from app import charts
-from engine import frontier, predict
+"""Decision figure builders (app/charts/decisions.py), checked on fig.to_dict()."""
+from app.charts import common
+from app.charts import decisions as charts
+from engine import frontier, numerics, predict
 from engine.config import GIB, BenchConfig
-from tests.app_fixtures import H100_ENV, make_result
+from tests.app_fixtures import H100_ENV, make_result, with_metrics
 
 MIB = 2**20
 
@@ -51,23 +52,21 @@ def test_memory_prediction_chart_shows_measured_fitted_and_analytic():
     assert hlines(fig) == [] and "off the scale: this cpu (16.0 GiB), 24 GiB, 80 GiB" in fig["layout"]["annotations"][0]["text"]
 
 
-def frontier_runs() -> list[dict]:
-    runs = []
-    for rate, peak, batch in ((100, 10, 1), (90, 20, 2), (180, 30, 4), (170, 40, 8)):
-        r = make_result(env=H100_ENV, batch=batch, accum=8 // batch)
-        r["metrics"]["samples_per_s"], r["metrics"]["peak_allocated_bytes"] = rate, peak * GIB
-        runs.append(r)
+def frontier_runs() -> list:
+    runs = [with_metrics(make_result(env=H100_ENV, batch=batch, accum=8 // batch), samples_per_s=rate,
+                         peak_allocated_bytes=peak * GIB)
+            for rate, peak, batch in ((100, 10, 1), (90, 20, 2), (180, 30, 4), (170, 40, 8))]
     return runs + [make_result("oom", env=H100_ENV, batch=8, accum=1, precision="bf16")]
 
 
 def test_frontier_chart_marks_frontier_failures_budget_and_answer():
     runs = frontier_runs()
     answer = frontier.recommend(runs, 8, 35)
-    fig = charts.build_frontier(runs, answer).to_dict()
+    fig = charts.build_frontier(runs, frontier.pareto_frontier(runs), answer).to_dict()
     assert fig["layout"]["title"]["text"] == charts.FRONTIER_TITLE
     assert list(trace(fig, "runs")["x"]) == [10, 20, 30, 40]
     assert list(trace(fig, "Pareto frontier")["x"]) == [10, 30]
-    failed = trace(fig, charts.FAILED_NAME)
+    failed = trace(fig, common.FAILED_NAME)
     assert list(failed["x"]) == [80] and list(failed["y"]) == [0] and list(failed["text"]) == ["OOM"]
     assert list(trace(fig, "best")["x"]) == [30] and list(trace(fig, "runner-up")["x"]) == [10]
     vertical = sorted(s["x0"] for s in fig["layout"]["shapes"] if s["x0"] == s["x1"])
@@ -113,11 +112,11 @@ def test_pitfall_chart_puts_both_methods_side_by_side():
 
 
 def test_numerical_cost_chart_has_one_bar_per_measured_run():
-    base = make_result(batch=4)
-    cheap = make_result(batch=4, precision="bf16")
-    base["metrics"]["grad_rel_diff"], cheap["metrics"]["grad_rel_diff"] = 0.0, 4e-3
+    base = with_metrics(make_result(batch=4), grad_rel_diff=0.0)
+    cheap = with_metrics(make_result(batch=4, precision="bf16"), grad_rel_diff=4e-3)
     unmeasured = make_result(batch=8)
-    fig = charts.build_numerical_cost([base, cheap, unmeasured]).to_dict()
+    runs = [base, cheap, unmeasured]
+    fig = charts.build_numerical_cost(numerics.cost_rows(runs), runs).to_dict()
     assert fig["layout"]["title"]["text"] == charts.NUMERICS_TITLE
     [bars] = fig["data"]
     assert list(bars["y"]) == [0.0, 4e-3] and list(bars["text"]) == ["0.00e+00", "4.00e-03"]

@@ -1,18 +1,21 @@
 """device_queue: one holder per device across threads and processes, in arrival order."""
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from engine.devicelock import device_queue
+from engine.devicelock import device_queue, lock_dir as current_lock_dir
+from tests.conftest import ROOT
 
 
-@pytest.fixture(autouse=True)
-def lock_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
-    return tmp_path / "locks"
+@pytest.fixture
+def lock_dir():
+    """The test's own queue directory (conftest sets it for every test)."""
+    return current_lock_dir()
 
 
 def _hold(device, log_path, hold_s):
@@ -117,3 +120,28 @@ def test_on_wait_raising_abandons_the_wait(lock_dir):
         t.join(10)
         assert done == [True]
     assert not [name for name in os.listdir(lock_dir) if name.endswith(".ticket")]
+
+
+_HOLD_DEFAULT_QUEUE = """
+import sys, time
+from engine.devicelock import device_queue
+with device_queue("cpu"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_tests_never_wait_behind_a_benchmark_holding_the_machine_wide_queue():
+    # Another process (a user's benchmark) holds the default queue of this machine's CPU.
+    env = {k: v for k, v in os.environ.items() if k not in ("TRADEOFF_LAB_LOCK_DIR", "TRADEOFF_LAB_DB")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_DEFAULT_QUEUE], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with device_queue("cpu"):  # this test's own queue: entered at once
+            waited = time.monotonic() - started
+        assert waited < 1.0
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)

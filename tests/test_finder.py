@@ -1,11 +1,14 @@
 """Batch finder: doubling then binary search, OOM as a result, margin, limits, best batch."""
+import dataclasses
 import json
 
 import pytest
 
 from engine import cli, finder
-from engine.config import GIB, BenchConfig, device_capacity_bytes
-from tests.app_fixtures import make_result
+from engine.config import GIB, BenchConfig, device_memory_limit
+from engine.devices import device_capacity_bytes
+from engine.progress import Progress
+from tests.factories import make_result
 
 
 def fake_runner(oom_above: int, peak_per_sample: float = 0.0, speed=lambda b: 100.0 * b, status_at=None):
@@ -16,12 +19,13 @@ def fake_runner(oom_above: int, peak_per_sample: float = 0.0, speed=lambda b: 10
     def run(config, progress=None, cancel=None, sweep_id=None):
         calls.append(config.batch)
         if progress:
-            progress({"phase": "measure", "step": 1, "total": 1})
+            progress(Progress("measure", 1, 1))
         status = (status_at or {}).get(config.batch) or ("oom" if config.batch > oom_above else "ok")
         result = make_result(status, batch=config.batch, sweep_id=sweep_id)
         if status == "ok":
-            result["metrics"]["peak_allocated_bytes"] = GIB + peak_per_sample * config.batch
-            result["metrics"]["samples_per_s"] = speed(config.batch)
+            metrics = dataclasses.replace(result.metrics, peak_allocated_bytes=int(GIB + peak_per_sample * config.batch),
+                                          samples_per_s=speed(config.batch))
+            result = result.replace(metrics=metrics)
         return result
 
     run.calls = calls
@@ -89,8 +93,8 @@ def test_progress_names_trial_and_batch_and_trials_share_a_sweep():
     events, stored = [], []
     report = finder.find_batch(CONFIG, max_batch=4, runner=fake_runner(100), progress=events.append,
                                on_result=stored.append)
-    assert {(e["trial"], e["batch"]) for e in events} == {(1, 1), (2, 2), (3, 4)}
-    assert [r["sweep_id"] for r in stored] == [report["sweep_id"]] * 3
+    assert {(e.trial, e.batch) for e in events} == {(1, 1), (2, 2), (3, 4)}
+    assert [r.sweep_id for r in stored] == [report["sweep_id"]] * 3
     json.dumps(report, allow_nan=False)
 
 
@@ -116,5 +120,5 @@ def test_find_batch_command_bad_input(capsys):
 
 
 def test_capacity_is_the_cap_else_the_device():
-    assert finder.capacity_of(CONFIG) == 8 * GIB
-    assert finder.capacity_of(BenchConfig(device="cpu")) == device_capacity_bytes("cpu")
+    assert device_memory_limit(CONFIG) == 8 * GIB
+    assert device_memory_limit(BenchConfig(device="cpu")) == device_capacity_bytes("cpu")

@@ -1,14 +1,15 @@
 """Frontier and recommender: Pareto frontier, recommendation against brute force (including
 "nothing fits"), run selection, missing candidates and the `recommend` command."""
+import dataclasses
 import json
 import random
 
 import pytest
 
 from engine import cli, frontier
-from engine.config import GIB
-from engine.results import write_jsonl
-from tests.app_fixtures import H100_ENV, make_result
+from engine.config import GIB, BenchConfig
+from engine.results import Result, write_jsonl
+from tests.factories import H100_ENV, make_result, with_metrics
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
 
@@ -17,12 +18,11 @@ def run(status="ok", samples_per_s=100.0, peak_gib=1.0, env=None, **fields):
     """A gpt-tiny result with chosen throughput and peak (GiB)."""
     result = make_result(status, env=env or H100_ENV, **{"model": "gpt-tiny", **fields})
     if status == "ok":
-        result["metrics"]["samples_per_s"] = samples_per_s
-        result["metrics"]["peak_allocated_bytes"] = int(peak_gib * GIB)
+        result = with_metrics(result, samples_per_s=samples_per_s, peak_allocated_bytes=int(peak_gib * GIB))
     return result
 
 
-def random_runs(rng: random.Random, n: int) -> list[dict]:
+def random_runs(rng: random.Random, n: int) -> list[Result]:
     out = []
     for _ in range(n):
         batch = rng.choice([1, 2, 4, 8])
@@ -45,16 +45,16 @@ def test_pareto_frontier_matches_a_brute_force_dominance_check():
         front = frontier.pareto_frontier(runs)
 
         def dominated(r):
-            p, t = r["metrics"]["peak_allocated_bytes"], r["metrics"]["samples_per_s"]
-            return any(o is not r and o["metrics"]["peak_allocated_bytes"] <= p and o["metrics"]["samples_per_s"] >= t
-                       and (o["metrics"]["peak_allocated_bytes"], o["metrics"]["samples_per_s"]) != (p, t) for o in ok)
+            p, t = r.metrics.peak_allocated_bytes, r.metrics.samples_per_s
+            return any(o is not r and o.metrics.peak_allocated_bytes <= p and o.metrics.samples_per_s >= t
+                       and (o.metrics.peak_allocated_bytes, o.metrics.samples_per_s) != (p, t) for o in ok)
 
-        expected = {(r["metrics"]["peak_allocated_bytes"], r["metrics"]["samples_per_s"]) for r in ok if not dominated(r)}
-        got = [(r["metrics"]["peak_allocated_bytes"], r["metrics"]["samples_per_s"]) for r in front]
+        expected = {(r.metrics.peak_allocated_bytes, r.metrics.samples_per_s) for r in ok if not dominated(r)}
+        got = [(r.metrics.peak_allocated_bytes, r.metrics.samples_per_s) for r in front]
         assert set(got) == expected and len(got) == len(expected)  # duplicates kept once
         assert got == sorted(got)  # increasing memory, and so increasing throughput
         assert all(a[1] < b[1] for a, b in zip(got, got[1:]))
-        assert all(r["status"] == "ok" for r in front)
+        assert all(r.status == "ok" for r in front)
 
 
 # ------------------------------------------------------------------------- recommender
@@ -66,14 +66,14 @@ def test_recommend_matches_brute_force_including_nothing_fits():
         effective = rng.choice([4, 8])
         budget = rng.choice([5, 25, 45, 80])
         answer = frontier.recommend(runs, effective, budget)
-        candidates = [r for r in runs if r["status"] == "ok" and r["metrics"]["effective_batch"] == effective]
-        fitting = [r for r in candidates if r["metrics"]["peak_allocated_bytes"] <= budget * GIB]
+        candidates = [r for r in runs if r.status == "ok" and r.metrics.effective_batch == effective]
+        fitting = [r for r in candidates if r.metrics.peak_allocated_bytes <= budget * GIB]
         if not fitting:
             nothing_fits_seen += 1
             assert not answer["fits"] and answer["best"] is None and answer["runner_up"] is None
             assert "Nothing" in answer["answer"]
             if candidates:
-                least = min(r["metrics"]["peak_allocated_bytes"] for r in candidates)
+                least = min(r.metrics.peak_allocated_bytes for r in candidates)
                 assert answer["closest"]["peak_allocated_bytes"] == least
             else:
                 assert answer["closest"] is None
@@ -81,15 +81,15 @@ def test_recommend_matches_brute_force_including_nothing_fits():
         fits_seen += 1
         # Brute force: the best is a fitting run no other fitting run beats.
         best = answer["best"]
-        assert best["samples_per_s"] == max(r["metrics"]["samples_per_s"] for r in fitting)
+        assert best["samples_per_s"] == max(r.metrics.samples_per_s for r in fitting)
         assert best["margin_bytes"] == budget * GIB - best["peak_allocated_bytes"] >= 0
-        ordered = sorted((r["metrics"]["samples_per_s"] for r in fitting), reverse=True)
+        ordered = sorted((r.metrics.samples_per_s for r in fitting), reverse=True)
         if len(fitting) > 1:
             assert answer["runner_up"]["samples_per_s"] == ordered[1]
             assert answer["runner_up"]["id"] != best["id"]
         else:
             assert answer["runner_up"] is None
-        assert best["id"] in {r["id"] for r in fitting}
+        assert best["id"] in {r.id for r in fitting}
     assert nothing_fits_seen and fits_seen
 
 
@@ -107,14 +107,14 @@ def test_answer_in_words():
 
 
 def test_runs_of_several_models_or_devices_need_a_choice():
-    runs = [run(batch=1), run(batch=1, overrides=TINY), run(batch=1, env={**H100_ENV, "device_name": "NVIDIA A100"})]
+    runs = [run(batch=1), run(batch=1, overrides=TINY), run(batch=1, env=dataclasses.replace(H100_ENV, device_name="NVIDIA A100"))]
     with pytest.raises(frontier.SelectionError, match="several models"):
         frontier.recommend(runs, 1, 80)
     with pytest.raises(frontier.SelectionError, match="several devices"):
         frontier.recommend(runs, 1, 80, model="gpt-tiny")  # the exact label: runs 0 and 2
-    assert frontier.recommend(runs, 1, 80, model="gpt-tiny", device="NVIDIA A100")["best"]["id"] == runs[2]["id"]
-    answer = frontier.recommend(runs, 1, 80, model=frontier.model_label(runs[1]["config"]))
-    assert answer["best"]["id"] == runs[1]["id"]
+    assert frontier.recommend(runs, 1, 80, model="gpt-tiny", device="NVIDIA A100")["best"]["id"] == runs[2].id
+    answer = frontier.recommend(runs, 1, 80, model=runs[1].config.model_label)
+    assert answer["best"]["id"] == runs[1].id
     with pytest.raises(frontier.SelectionError, match="no runs of model"):
         frontier.recommend(runs, 1, 80, model="gpt-xl")
 
@@ -134,10 +134,12 @@ def test_missing_candidates_are_the_unmeasured_configs_that_could_fit():
 
 
 def test_config_words():
-    assert frontier.config_words({"batch": 4, "accum": 1, "precision": "fp32", "ckpt": "none"}) == \
+    assert BenchConfig(batch=4, accum=1, precision="fp32", ckpt="none").describe(with_model=False) == \
         "batch 4 × accum 1, fp32, no checkpointing"
-    assert frontier.config_words({"batch": 1, "accum": 2, "precision": "fp16", "ckpt": "every-k", "k": 3,
-                                  "optimizer": "sgd"}) == "batch 1 × accum 2, fp16, checkpointing every 3rd block, sgd"
+    config = BenchConfig(batch=1, accum=2, precision="fp16", ckpt="every-k", k=3, optimizer="sgd")
+    assert config.describe(with_model=False) == "batch 1 × accum 2, fp16, checkpointing every 3rd block, sgd"
+    assert config.replace(overrides={"n_layers": 2}).describe() == \
+        "gpt-tiny (n_layers=2), batch 1 × accum 2, fp16, checkpointing every 3rd block, sgd"
 
 
 # ------------------------------------------------------------------------- the command
@@ -157,7 +159,7 @@ def test_recommend_command(tmp_path, capsys):
     assert cli.main(["recommend", "--results", str(path), "--effective-batch", "8", "--memory-budget-gib", "40",
                      "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert answer["best"]["id"] == runs[1]["id"] and answer["runner_up"]["id"] == runs[0]["id"]
+    assert answer["best"]["id"] == runs[1].id and answer["runner_up"]["id"] == runs[0].id
     assert {c["batch"] for c in answer["missing_candidates"]} == {4}
     assert cli.main(["recommend", "--results", str(path), "--effective-batch", "8", "--memory-budget-gib", "5"]) == 1
     assert capsys.readouterr().out.startswith("Nothing measured at effective batch 8 fits 5 GiB. Closest: batch 1")

@@ -7,7 +7,8 @@ import torch
 from engine import numerics
 from engine.config import BenchConfig
 from engine.measure import run_benchmark
-from tests.app_fixtures import make_result
+from engine.step import build_step
+from tests.factories import make_result, with_metrics
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
 
@@ -34,7 +35,7 @@ def test_lower_precision_gives_a_small_nonzero_difference(precision):
 
 def test_first_step_grads_are_those_the_optimizer_applies():
     grads = numerics.first_step_grads(tiny())
-    assert len(grads) == len(list(p for p in numerics.build_step(tiny()).model.parameters()))
+    assert len(grads) == len(list(p for p in build_step(tiny()).model.parameters()))
     assert all(g.dtype == torch.float32 and g.device.type == "cpu" for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
 
@@ -48,18 +49,17 @@ def test_rel_diff():
 
 def test_a_benchmark_result_carries_grad_rel_diff():
     result = run_benchmark(tiny(precision="bf16", warmup=1, steps=2))
-    assert 0 < result["metrics"]["grad_rel_diff"] < 0.05
+    assert 0 < result.metrics.grad_rel_diff < 0.05
 
 
 def test_cost_rows_compare_each_saving_with_the_fp32_run():
     base = make_result(batch=4)
-    cheap = make_result(batch=4, precision="bf16", ckpt="full")
-    cheap["metrics"]["grad_rel_diff"] = 3e-3
+    cheap = with_metrics(make_result(batch=4, precision="bf16", ckpt="full"), grad_rel_diff=3e-3)
     other_batch = make_result(batch=8, precision="bf16")
     rows = {r["id"]: r for r in numerics.cost_rows([base, cheap, other_batch, make_result("oom", batch=16)])}
-    assert set(rows) == {base["id"], cheap["id"], other_batch["id"]}
-    assert rows[base["id"]]["speedup"] == pytest.approx(1.0) and rows[base["id"]]["memory_saving"] == 0
-    row = rows[cheap["id"]]
-    expected = cheap["metrics"]["samples_per_s"] / base["metrics"]["samples_per_s"]
+    assert set(rows) == {base.id, cheap.id, other_batch.id}
+    assert rows[base.id]["speedup"] == pytest.approx(1.0) and rows[base.id]["memory_saving"] == 0
+    row = rows[cheap.id]
+    expected = cheap.metrics.samples_per_s / base.metrics.samples_per_s
     assert row["speedup"] == pytest.approx(expected) and row["memory_saving"] > 0 and row["grad_rel_diff"] == 3e-3
-    assert rows[other_batch["id"]]["speedup"] is None  # no fp32 run at batch 8
+    assert rows[other_batch.id]["speedup"] is None  # no fp32 run at batch 8

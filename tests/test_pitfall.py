@@ -20,7 +20,9 @@ def test_the_naive_timer_synchronises_only_at_the_end_of_the_step():
 
 def test_on_cpu_both_methods_agree_and_the_page_says_why():
     config = BenchConfig(model="gpt-tiny", overrides=TINY, batch=4, device="cpu", warmup=1, steps=15)
-    report = pitfall.pitfall(config)  # in a worker process, as the CLI and dashboard run it
+    outcome = pitfall.pitfall(config)  # in a worker process, as the CLI and dashboard run it
+    assert outcome.ok, outcome.error
+    report = outcome.value
     assert report["device_type"] == "cpu" and not report["asynchronous"]
     assert report["correct_method"] == "time.perf_counter"
     assert "no asynchrony" in report["message"]

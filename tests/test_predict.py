@@ -4,13 +4,15 @@ import json
 
 import pytest
 
-from engine import cli, memory, models, predict
+import dataclasses
+
+from engine import cli, memory, models, predict, presets
 from engine.config import GIB, BenchConfig
 from engine.step import build_step
-from tests.app_fixtures import CPU_ENV, make_result
+from tests.factories import CPU_ENV, make_result, with_metrics
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
-GPT_PRESETS = [name for name, (family, _) in models.PRESETS.items() if family == "gpt"]
+GPT_PRESETS = [name for name, (family, _) in presets.PRESETS.items() if family == "gpt"]
 # Analytic vs the MemTracker breakdown of a real CPU step: what we see is within 0.01% for
 # activations (the loss scalar) and the peak (a few bytes); the tolerance leaves room for a
 # torch release that saves one more small tensor.
@@ -54,29 +56,33 @@ def test_a_flat_fit_does_not_bound_the_batch():
 
 def test_measured_points_take_one_curve_on_one_device_newest_first():
     base = dict(model="gpt-tiny", overrides=TINY)
-    newer, older = make_result(batch=2, **base), make_result(batch=2, **base)
-    newer["metrics"]["peak_allocated_bytes"] = 123
+    newer, older = with_metrics(make_result(batch=2, **base), peak_allocated_bytes=123), make_result(batch=2, **base)
     results = [
         newer, older,
         make_result(batch=4, **base),
         make_result(batch=8, precision="bf16", **base),  # another curve
         make_result("oom", batch=16, **base),  # no peak
-        make_result(batch=1, env={**CPU_ENV, "device_type": "cuda"}, **base),  # another device
+        make_result(batch=1, env=dataclasses.replace(CPU_ENV, device_type="cuda"), **base),  # another device
     ]
     points = predict.measured_points(results, tiny(), "cpu")
-    assert [(b, p) for b, p, _ in points] == [(2, 123.0), (4, results[2]["metrics"]["peak_allocated_bytes"])]
+    assert [(b, p) for b, p, _ in points] == [(2, 123.0), (4, results[2].metrics.peak_allocated_bytes)]
+
+
+def test_missing_configs_are_the_wanted_batches_not_measured_yet():
+    missing = predict.missing_configs(tiny(batch=8), [(2, 1.0), (4, 2.0)], [1, 2, 4, 8, 1])
+    assert [c.batch for c in missing] == [1, 8] and all(c.replace(batch=8) == tiny(batch=8) for c in missing)
 
 
 # ------------------------------------------------------------------------- analytic: exact parts
 @pytest.mark.parametrize("preset", GPT_PRESETS)
 def test_analytic_parameters_grads_and_adamw_state_are_exact(preset):
     config = BenchConfig(model=preset, device="cpu")
-    n = models.gpt_param_count(models.preset_dims(preset)[1])
+    n = presets.gpt_param_count(presets.preset_dims(preset)[1])
     estimate = predict.analytic_estimate(config)
     assert estimate.params == 4 * n and estimate.grads == 4 * n
     # exp_avg + exp_avg_sq (fp32) and a 4-byte step per parameter tensor: 12 per block, and
     # wte, wpe, ln_f weight and bias (lm_head is tied to wte).
-    tensors = 12 * models.preset_dims(preset)[1]["n_layers"] + 4
+    tensors = 12 * presets.preset_dims(preset)[1]["n_layers"] + 4
     assert estimate.optimizer == 8 * n + 4 * tensors
 
 
@@ -121,8 +127,8 @@ def test_analytic_activations_and_peak_match_the_measured_cpu_breakdown(fields):
     step.run()  # optimizer state exists, as in a measured step
     measured = memory.memory_breakdown(step)
     estimate = predict.analytic_estimate(config)
-    assert estimate.activations == pytest.approx(measured["activations"], rel=ACTIVATION_TOLERANCE)
-    assert estimate.peak == pytest.approx(sum(measured.values()), rel=ACTIVATION_TOLERANCE)
+    assert estimate.activations == pytest.approx(measured.activations, rel=ACTIVATION_TOLERANCE)
+    assert estimate.peak == pytest.approx(measured.total, rel=ACTIVATION_TOLERANCE)
 
 
 @pytest.mark.parametrize("ckpt", ["none", "full"])
@@ -134,7 +140,7 @@ def test_analytic_peak_stays_close_when_the_peak_moves_into_backward(ckpt):
                                                       "vocab": 64}, device="cpu", batch=32, optimizer="sgd", ckpt=ckpt)
     step = build_step(config)
     step.run()
-    measured = sum(memory.memory_breakdown(step).values())
+    measured = memory.memory_breakdown(step).total
     assert predict.analytic_estimate(config).peak == pytest.approx(measured, rel=0.10)
 
 
@@ -175,12 +181,14 @@ def test_predict_command_uses_stored_runs_and_answers_in_json(tmp_path, capsys):
     path = tmp_path / "runs.jsonl"
     lines = []
     for batch in (2, 4):
-        result = make_result(model="gpt-tiny", overrides=TINY, batch=batch)
-        result["metrics"]["peak_allocated_bytes"] = predict.analytic_estimate(config, batch).peak
-        lines.append(json.dumps(result))
+        result = with_metrics(make_result(model="gpt-tiny", overrides=TINY, batch=batch),
+                              peak_allocated_bytes=predict.analytic_estimate(config, batch).peak)
+        lines.append(result.to_json())
     path.write_text("\n".join(lines))
     flags = ["--model", "gpt-tiny", "--device", "cpu"] + [f"--set={k}={v}" for k, v in TINY.items()]
-    assert cli.main(["predict", *flags, "--results", str(path), "--capacity-gib", "24,80", "--json"]) == 0
+    # The wanted batches are all stored: nothing is measured, the fit is the stored runs'.
+    assert cli.main(["predict", *flags, "--results", str(path), "--batches", "2,4", "--capacity-gib", "24,80",
+                     "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["fit"]["slope_bytes"] > 0
     assert [r["capacity"] for r in report["capacities"]][-2:] == ["24 GiB", "80 GiB"]

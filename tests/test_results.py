@@ -6,44 +6,67 @@ import torch
 
 from engine import BenchConfig
 from engine.results import (
-    METRIC_KEYS, SCHEMA, ResultFormatError, classify_exception, dumps_jsonl, new_result,
-    parse_results, read_results, validate, write_jsonl,
+    METRIC_KEYS, SCHEMA, Env, Metrics, Result, ResultFormatError, classify_exception, dumps_jsonl, parse_results,
+    read_results, write_jsonl,
 )
+from engine.stats import Summary
 
-ENV = {"device_type": "cpu", "device_name": "test CPU", "capacity_bytes": 1, "torch": torch.__version__,
-       "cuda": None, "driver": None, "python": "3", "cpu": "test CPU"}
-SUMMARY = {"median": 10.0, "p10": 9.0, "p90": 11.0, "iqr_rel": 0.05}
+ENV = Env(device_type="cpu", device_name="test CPU", capacity_bytes=1, torch=torch.__version__, python="3", cpu="test CPU")
+SUMMARY = Summary(median=10.0, p10=9.0, p90=11.0, iqr_rel=0.05)
 
 
-def ok_result(**config_fields):
+def ok_result(**config_fields) -> Result:
     config = BenchConfig(device="cpu", **config_fields)
-    metrics = {"step_ms": SUMMARY, "forward_ms": SUMMARY, "backward_ms": SUMMARY, "optimizer_ms": SUMMARY,
-               "samples_per_s": 800.0, "peak_allocated_bytes": 1234, "mfu": float("nan")}
+    metrics = Metrics(effective_batch=1, step_ms=SUMMARY, forward_ms=SUMMARY, backward_ms=SUMMARY, optimizer_ms=SUMMARY,
+                      samples_per_s=800.0, peak_allocated_bytes=1234, mfu=float("nan"))
     samples = {phase: [9.0, 10.0, 11.0] for phase in ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")}
-    return new_result(config, "ok", ENV, metrics=metrics, samples=samples, warnings=["noisy"], sweep_id="s1")
+    return Result.new(config, "ok", ENV, metrics=metrics, samples=samples, warnings=["noisy"], sweep_id="s1")
+
+
+def ok_dict(**config_fields) -> dict:
+    """An ok result as the JSON object a file holds."""
+    return ok_result(**config_fields).to_dict()
 
 
 def test_ok_result_has_every_metric_key_and_no_nan():
-    result = validate(ok_result(batch=4, accum=2), "test")
-    assert set(METRIC_KEYS) <= set(result["metrics"])
-    assert result["metrics"]["effective_batch"] == 8
-    assert result["metrics"]["mfu"] is None  # NaN is not JSON: stored as unknown
-    assert result["schema"] == SCHEMA and len(result["id"]) == 32
-    assert result["created_at"].endswith("+00:00")
+    result = ok_result(batch=4, accum=2)
+    data = result.to_dict()
+    assert Result.from_dict(data, "test") == result
+    assert set(METRIC_KEYS) <= set(data["metrics"])
+    assert result.metrics.effective_batch == 8  # from the config, whatever was passed
+    assert result.metrics.mfu is None and data["metrics"]["mfu"] is None  # NaN is not JSON: stored as unknown
+    assert data["schema"] == SCHEMA and len(result.id) == 32
+    assert result.created_at.endswith("+00:00")
 
 
 def test_failed_result_has_null_metrics_except_effective_batch():
     config = BenchConfig(device="cpu", batch=3, accum=2)
-    result = new_result(config, "oom", ENV, metrics={"samples_per_s": 5.0}, samples={"step_ms": [1.0]}, error="boom")
-    validate(result, "test")
-    assert result["metrics"]["effective_batch"] == 6
-    assert all(value is None for key, value in result["metrics"].items() if key != "effective_batch")
-    assert result["samples"] is None
+    result = Result.new(config, "oom", ENV, metrics=Metrics(effective_batch=6, samples_per_s=5.0),
+                        samples={"step_ms": [1.0]}, error="boom")
+    assert Result.from_dict(result.to_dict(), "test") == result
+    data = result.to_dict()
+    assert data["metrics"]["effective_batch"] == 6
+    assert all(value is None for key, value in data["metrics"].items() if key != "effective_batch")
+    assert result.samples is None
+
+
+def test_every_status_has_the_same_metric_keys():
+    ok = ok_result().to_dict()["metrics"]
+    failed = Result.new(BenchConfig(device="cpu"), "timeout", ENV, error="late").to_dict()["metrics"]
+    assert list(ok) == list(failed) == list(METRIC_KEYS)
+    assert "grad_rel_diff" in failed and "allocator_retries" in failed
+
+
+def test_v1_files_without_the_later_metric_keys_still_read():
+    data = ok_dict()
+    for key in ("grad_rel_diff", "allocator_retries"):
+        del data["metrics"][key]
+    assert Result.from_dict(data, "old").metrics.grad_rel_diff is None
 
 
 def test_new_result_rejects_unknown_status():
     with pytest.raises(ValueError, match="status"):
-        new_result(BenchConfig(device="cpu"), "exploded", ENV)
+        Result.new(BenchConfig(device="cpu"), "exploded", ENV)
 
 
 @pytest.mark.parametrize("exc", [
@@ -66,11 +89,11 @@ def test_other_exceptions_classify_as_error(exc):
 
 
 def test_jsonl_round_trip(tmp_path):
-    results = [ok_result(batch=2), new_result(BenchConfig(device="cpu"), "timeout", ENV, error="timed out")]
+    results = [ok_result(batch=2), Result.new(BenchConfig(device="cpu"), "timeout", ENV, error="timed out")]
     path = tmp_path / "runs.jsonl"
     write_jsonl(path, results[:1])
     write_jsonl(path, results[1:])  # appends
-    assert read_results(path) == json.loads(json.dumps(results))
+    assert read_results(path) == results
     assert parse_results(dumps_jsonl(results), "text") == results
     write_jsonl(path, results[:1], append=False)
     assert len(read_results(path)) == 1
@@ -78,8 +101,8 @@ def test_jsonl_round_trip(tmp_path):
 
 def test_reader_accepts_a_json_list_and_one_pretty_object(tmp_path):
     result = ok_result()
-    (tmp_path / "list.json").write_text(json.dumps([result, result]))
-    (tmp_path / "one.json").write_text(json.dumps(result, indent=2))
+    (tmp_path / "list.json").write_text(json.dumps([result.to_dict(), result.to_dict()]))
+    (tmp_path / "one.json").write_text(json.dumps(result.to_dict(), indent=2))
     assert len(read_results(tmp_path / "list.json")) == 2
     assert read_results(tmp_path / "one.json") == [result]
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -88,7 +111,7 @@ def test_reader_accepts_a_json_list_and_one_pretty_object(tmp_path):
 
 def test_wrong_schema_version_names_file_line_and_version(tmp_path):
     path = tmp_path / "old.jsonl"
-    path.write_text(json.dumps({**ok_result(), "schema": "tradeoff-lab/result/v0"}) + "\n")
+    path.write_text(json.dumps({**ok_dict(), "schema": "tradeoff-lab/result/v0"}) + "\n")
     with pytest.raises(ResultFormatError) as info:
         read_results(path)
     message = str(info.value)
@@ -97,7 +120,7 @@ def test_wrong_schema_version_names_file_line_and_version(tmp_path):
 
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(ok_result()) + "\n{\"schema\": \n")
+    path.write_text(json.dumps(ok_dict()) + "\n{\"schema\": \n")
     with pytest.raises(ResultFormatError, match=r"broken\.jsonl: line 2: not valid JSON"):
         read_results(path)
 
@@ -121,10 +144,10 @@ def test_not_utf8_is_a_format_error(tmp_path):
     (lambda r: r.update(warnings="noisy"), "warnings must be a list"),
 ])
 def test_invalid_results_say_what_is_wrong(mutate, problem):
-    result = ok_result()
+    result = ok_dict()
     mutate(result)
     with pytest.raises(ResultFormatError) as info:
-        validate(result, "runs.jsonl: line 7")
+        Result.from_dict(result, "runs.jsonl: line 7")
     assert str(info.value).startswith("runs.jsonl: line 7: ")
     assert problem in str(info.value)
 

@@ -7,13 +7,13 @@ import time
 import pytest
 
 from engine import BenchConfig
-from engine.results import ResultFormatError, new_result
+from engine.results import Result
 from engine.store import Store, StoreError
 from tests.test_results import ENV, ok_result
 
 
 def _failed(model="mlp", sweep_id=None):
-    return new_result(BenchConfig(model=model, device="cpu"), "oom", ENV, error="out of memory", sweep_id=sweep_id)
+    return Result.new(BenchConfig(model=model, device="cpu"), "oom", ENV, error="out of memory", sweep_id=sweep_id)
 
 
 def test_add_get_list_and_survive_reopen(tmp_path):
@@ -23,44 +23,52 @@ def test_add_get_list_and_survive_reopen(tmp_path):
     assert store.add(first) is True
     assert store.add(second) is True
     assert store.add(first) is False  # same id: not stored twice
-    store.close()
 
     reopened = Store(path)
     assert reopened.count() == 2
-    assert reopened.get(first["id"]) == first
+    assert reopened.get(first.id) == first
     assert reopened.get("missing") is None
-    assert [r["id"] for r in reopened.list()] == [second["id"], first["id"]]  # newest first
+    assert [r.id for r in reopened.list()] == [second.id, first.id]  # newest first
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_filters_limit_delete_and_latest_sweep(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
-    a, b = ok_result(), ok_result()
-    a["sweep_id"] = b["sweep_id"] = "sweep-a"
+    a, b = ok_result().replace(sweep_id="sweep-a"), ok_result().replace(sweep_id="sweep-a")
     c = _failed(model="mlp", sweep_id="sweep-b")
-    d = ok_result()
-    d["sweep_id"] = None
+    d = ok_result().replace(sweep_id=None)
     assert store.add_many([a, b, c, d, a]) == (4, 1)
-    assert {r["id"] for r in store.list(sweep_id="sweep-a")} == {a["id"], b["id"]}
-    assert [r["id"] for r in store.list(status="oom")] == [c["id"]]
-    assert [r["id"] for r in store.list(model="mlp")] == [c["id"]]
-    assert {r["id"] for r in store.list(ids=[a["id"], d["id"], "nope"])} == {a["id"], d["id"]}
+    assert {r.id for r in store.list(sweep_id="sweep-a")} == {a.id, b.id}
+    assert [r.id for r in store.list(status="oom")] == [c.id]
+    assert [r.id for r in store.list(model="mlp")] == [c.id]
+    assert {r.id for r in store.list(ids=[a.id, d.id, "nope"])} == {a.id, d.id}
     assert store.list(ids=[]) == []
     assert len(store.list(limit=2)) == 2
     assert store.latest_sweep_id() == "sweep-b"
-    assert store.delete([c["id"], "nope"]) == 1
+    assert store.delete([c.id, "nope"]) == 1
     assert store.latest_sweep_id() == "sweep-a"
     assert store.count() == 3
 
 
-def test_invalid_result_is_rejected_before_writing(tmp_path):
+def test_a_failed_write_stores_nothing_of_the_batch(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
-    bad = ok_result()
-    bad["schema"] = "something/else"
-    with pytest.raises(ResultFormatError, match="result 2 to store"):
+    bad = ok_result().replace(config=None)  # not a Result the store can write
+    with pytest.raises(AttributeError):
         store.add_many([ok_result(), bad])
     assert store.count() == 0  # one transaction: nothing half-written
+
+
+def test_a_row_that_no_longer_reads_is_listed_as_unreadable_and_can_be_deleted(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    good = ok_result()
+    store.add_many([good, ok_result().replace(id="broken")])
+    with sqlite3.connect(tmp_path / "runs.sqlite") as conn:
+        conn.execute("UPDATE runs SET json = json_set(json, '$.config.model', 7) WHERE id = 'broken'")
+    assert [r.id for r in store.list()] == [good.id]
+    [(row_id, problem)] = store.unreadable()
+    assert row_id == "broken" and "config.model: invalid value 7" in problem
+    assert store.delete([row_id]) == 1 and store.unreadable() == []
 
 
 def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
@@ -93,10 +101,8 @@ def test_concurrent_threads_and_processes(tmp_path):
 def test_listing_thousands_of_runs_stays_fast(tmp_path):
     store = Store(tmp_path / "runs.sqlite")
     template = ok_result()
-    results = []
-    for i in range(2000):
-        result = {**template, "id": f"{i:032x}", "created_at": f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}+00:00"}
-        results.append(result)
+    results = [template.replace(id=f"{i:032x}", created_at=f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}+00:00")
+               for i in range(2000)]
     started = time.perf_counter()
     assert store.add_many(results) == (2000, 0)
     listed = store.list()

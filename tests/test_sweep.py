@@ -4,17 +4,11 @@ import os
 import pytest
 
 from engine import ConfigError
-from engine.results import validate
 from engine.sweep import expand, run_sweep
 from engine.worker import shared_worker
+from tests.factories import assert_valid
 
 CPU = {"device": "cpu"}
-
-
-@pytest.fixture(autouse=True)
-def private_lock_dir(tmp_path, monkeypatch):
-    # Keeps these runs from queueing behind other benchmarks on this machine.
-    monkeypatch.setenv("TRADEOFF_LAB_LOCK_DIR", str(tmp_path / "locks"))
 
 
 def test_cross_product_of_any_fields():
@@ -56,14 +50,14 @@ def test_sweep_continues_past_oom_with_one_sweep_id():
     configs, _ = expand({**CPU, "model": "tests.helper_models:oom_above_2", "warmup": 1, "steps": 2}, {"batch": [1, 4, 2]})
     events, seen = [], []
     results = run_sweep(configs, events.append, seen.append)
-    assert [r["status"] for r in results] == ["ok", "oom", "ok"]
+    assert [r.status for r in results] == ["ok", "oom", "ok"]
     assert seen == results
-    assert len({r["sweep_id"] for r in results}) == 1 and results[0]["sweep_id"]
-    assert "micro-batch 4 > 2" in results[1]["error"]
+    assert len({r.sweep_id for r in results}) == 1 and results[0].sweep_id
+    assert "micro-batch 4 > 2" in results[1].error
     for r in results:
-        validate(r, "sweep")
-    assert {e["index"] for e in events} == {1, 2, 3} and {e["count"] for e in events} == {3}
-    assert all("total" in e for e in events if e["phase"] == "measure")  # the phase's own total is kept
+        assert_valid(r)
+    assert {e.index for e in events} == {1, 2, 3} and {e.count for e in events} == {3}
+    assert all(e.total == 2 for e in events if e.phase == "measure")  # the phase's own total is kept
     # run_sweep without a worker uses the shared warm worker, which is still alive (the
     # failed config's process was replaced by the last config's).
     assert shared_worker("cpu").pid not in (None, os.getpid())

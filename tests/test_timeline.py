@@ -5,7 +5,6 @@ import pytest
 
 from engine import cli, memory
 from engine.config import BenchConfig
-from engine.isolated import IsolatedRunError
 from engine.step import build_step
 from engine.timeline import phase_peaks, record_timeline, timelines
 
@@ -23,7 +22,7 @@ def test_cpu_timeline_has_the_phases_and_the_breakdowns_peak():
     # The same live-tensor view as the MemTracker breakdown of the same step.
     step = build_step(tiny())
     step.run()
-    assert record["peak_bytes"] == pytest.approx(sum(memory.memory_breakdown(step).values()), rel=0.01)
+    assert record["peak_bytes"] == pytest.approx(memory.memory_breakdown(step).total, rel=0.01)
     # Forward grows memory, backward peaks and releases it, the step ends where it began.
     assert record["peak_phase"] == "backward"
     peaks = {row["phase"]: row for row in phase_peaks(record)}
@@ -47,10 +46,15 @@ def test_timeline_command_overlays_a_second_config(capsys):
     assert records[1]["peak_bytes"] < records[0]["peak_bytes"]
 
 
-def test_a_failure_in_the_isolated_process_is_reported_not_raised_through():
-    with pytest.raises(IsolatedRunError) as failure:
-        timelines([BenchConfig(model="tests.helper_models:oom_above_2", batch=4, device="cpu", warmup=1)])
-    assert failure.value.status == "oom"
+def test_a_failure_in_the_worker_is_an_outcome_not_raised_through():
+    outcome = timelines([BenchConfig(model="tests.helper_models:oom_above_2", batch=4, device="cpu", warmup=1)])
+    assert outcome.status == "oom" and "micro-batch 4 > 2" in outcome.error and outcome.value is None
+
+
+def test_the_timeline_command_reports_a_failure_as_one_line_and_exit_1(capsys):
+    args = ["timeline", "--model", "tests.helper_models:oom_above_2", "--batch", "4", "--device", "cpu", "--warmup", "1"]
+    assert cli.main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("oom: ")
 
 
 @pytest.mark.gpu

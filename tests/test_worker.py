@@ -11,8 +11,8 @@ import time
 import pytest
 
 from engine import BenchConfig
-from engine.results import validate
 from engine.worker import Worker, _cpu_memory_cap
+from tests.factories import assert_valid
 
 TINY_DIMS = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
 TINY = BenchConfig(model="gpt-tiny", overrides=TINY_DIMS, batch=2, warmup=1, steps=2, device="cpu")
@@ -20,19 +20,6 @@ TINY = BenchConfig(model="gpt-tiny", overrides=TINY_DIMS, batch=2, warmup=1, ste
 
 def helper(name: str, **fields) -> BenchConfig:
     return BenchConfig(**{"model": f"tests.helper_models:{name}", "batch": 2, "warmup": 1, "steps": 2, "device": "cpu", **fields})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_lock_dir(tmp_path_factory):
-    # Runs queue per device machine-wide; a private queue keeps these tests from waiting
-    # behind benchmarks other people run on this machine.
-    old = os.environ.get("TRADEOFF_LAB_LOCK_DIR")
-    os.environ["TRADEOFF_LAB_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))
-    yield
-    if old is None:
-        del os.environ["TRADEOFF_LAB_LOCK_DIR"]
-    else:
-        os.environ["TRADEOFF_LAB_LOCK_DIR"] = old
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +31,7 @@ def worker():
 
 def _ok(worker, config=TINY):
     result = worker.run(config)
-    assert result["status"] == "ok", result["error"]
+    assert result.status == "ok", result.error
     return result
 
 
@@ -53,24 +40,24 @@ def test_warm_worker_is_reused_and_forwards_progress(worker):
     first = worker.run(TINY, events.append)
     pid = worker.pid
     second = worker.run(TINY)
-    assert first["status"] == second["status"] == "ok"
+    assert first.status == second.status == "ok"
     assert worker.pid == pid is not None  # the same process ran both configs
     assert pid != os.getpid()
-    validate(first, "first")
-    assert first["metrics"]["step_ms"]["median"] > 0
-    measured = [e for e in events if e["phase"] == "measure"]
-    assert measured and measured[-1]["total"] == TINY.steps
-    assert first["env"]["device_type"] == "cpu"
+    assert_valid(first)
+    assert first.metrics.step_ms.median > 0
+    measured = [e for e in events if e.phase == "measure"]
+    assert measured and measured[-1].total == TINY.steps
+    assert first.env.device_type == "cpu"
 
 
 def test_worker_that_exits_gives_error_and_the_next_config_gets_a_fresh_worker(worker):
     _ok(worker)
     before = worker.pid
     result = worker.run(helper("exits"))
-    assert result["status"] == "error"
-    assert result["error"] == "worker died: exit code 3"
-    assert result["metrics"]["step_ms"] is None and result["metrics"]["effective_batch"] == 2
-    validate(result, "exits")
+    assert result.status == "error"
+    assert result.error == "worker died: exit code 3"
+    assert result.metrics.step_ms is None and result.metrics.effective_batch == 2
+    assert_valid(result)
     assert worker.pid is None
     _ok(worker)
     assert worker.pid not in (None, before)
@@ -78,19 +65,19 @@ def test_worker_that_exits_gives_error_and_the_next_config_gets_a_fresh_worker(w
 
 def test_worker_killed_by_a_signal_names_it(worker):
     def kill_on_first_event(event):
-        if event["phase"] == "build":
+        if event.phase == "build":
             os.kill(worker.pid, signal.SIGKILL)
 
     result = worker.run(helper("hangs"), kill_on_first_event)
-    assert result["status"] == "error"
-    assert result["error"].startswith("worker died: killed by signal SIGKILL")
+    assert result.status == "error"
+    assert result.error.startswith("worker died: killed by signal SIGKILL")
 
 
 def test_hang_past_the_timeout_is_killed(worker):
     started = []  # when the child began the run (the clock excludes starting a worker)
     result = worker.run(helper("hangs", timeout_s=1.0), lambda event: started.append(time.monotonic()))
-    assert result["status"] == "timeout"
-    assert "timed out after 1 s" in result["error"]
+    assert result.status == "timeout"
+    assert "timed out after 1 s" in result.error
     assert 0.9 < time.monotonic() - started[0] < 4
     assert worker.pid is None
 
@@ -98,8 +85,8 @@ def test_hang_past_the_timeout_is_killed(worker):
 def test_cancel_stops_a_running_config(worker):
     cancel = threading.Event()
     result = worker.run(helper("hangs"), lambda event: cancel.set(), cancel)
-    assert result["status"] == "cancelled"
-    validate(result, "cancelled")
+    assert result.status == "cancelled"
+    assert_valid(result)
     assert worker.pid is None
 
 
@@ -108,14 +95,14 @@ def test_cancel_before_start_runs_nothing():
     cancel = threading.Event()
     cancel.set()
     result = idle.run(TINY, cancel=cancel)
-    assert result["status"] == "cancelled" and idle.pid is None
+    assert result.status == "cancelled" and idle.pid is None
 
 
 def test_oom_exception_is_a_result_and_the_worker_is_replaced(worker):
     pids = []
     result = worker.run(helper("oom_above_2", batch=4), lambda event: pids.append(worker.pid))
-    assert result["status"] == "oom"
-    assert "OutOfMemoryError" in result["error"]
+    assert result.status == "oom"
+    assert "OutOfMemoryError" in result.error
     _ok(worker)
     assert worker.pid != pids[0]
 
@@ -127,8 +114,8 @@ def test_cpu_memory_cap_gives_oom_and_a_warm_worker_gets_its_limit_back(worker):
     _ok(worker, helper("big_alloc"))
     assert worker.pid == pid
     result = worker.run(helper("big_alloc", memory_cap_gib=0.25))
-    assert result["status"] == "oom"
-    assert "can't allocate memory" in result["error"] and "CPU memory cap: 0.25 GiB" in result["error"]
+    assert result.status == "oom"
+    assert "can't allocate memory" in result.error and "CPU memory cap: 0.25 GiB" in result.error
 
 
 def test_memory_cap_context_restores_the_soft_limit():
@@ -149,3 +136,25 @@ def test_a_raising_progress_callback_kills_the_run_and_propagates(worker):
     with pytest.raises(Stop):
         worker.run(helper("hangs"), stop)
     assert worker.pid is None
+
+
+def _square(value, channel):
+    return value * value
+
+
+def _raise_oom(channel):
+    raise MemoryError("no room")
+
+
+def test_a_decision_tool_runs_in_the_same_warm_worker_and_fails_as_an_outcome(worker):
+    _ok(worker)
+    pid = worker.pid
+    outcome = worker.call(_square, 7, device="cpu", timeout_s=30)
+    assert outcome.ok and outcome.value == 49 and worker.pid == pid
+    failed = worker.call(_raise_oom, device="cpu", timeout_s=30)
+    assert (failed.status, failed.error) == ("oom", "MemoryError: no room") and worker.pid is None
+    fresh = worker.call(_square, 3, device="cpu", timeout_s=30, fresh=True)
+    assert fresh.value == 9 and worker.pid is not None
+    again = worker.pid
+    assert worker.call(_square, 2, device="cpu", timeout_s=30, fresh=True).value == 4
+    assert worker.pid != again  # a tool that needs an untouched process gets one

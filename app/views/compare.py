@@ -1,9 +1,11 @@
 """Compare page: chosen runs side by side (three charts, breakdowns, sweep lines, a diff)."""
 import streamlit as st
 
-from app import charts, storage, ui
+from app import storage, ui
+from app.charts import runs as run_charts
 from app.panels import numerical_cost_panel
 from app.tables import diff_runs, runs_frame
+from engine.results import Result
 
 HAND_PICKED = "Hand-picked runs"
 NEWEST_BY_DEFAULT = 6
@@ -15,26 +17,25 @@ if not runs:
     st.info("No runs stored yet: run a benchmark on the Run page, or import a bundle or the demo data on the Results page.")
     st.stop()
 
-by_id = {r["id"]: r for r in runs}
-sweeps: dict[str, list[dict]] = {}  # newest sweep first, as the store lists runs newest first
+by_id = {r.id: r for r in runs}
+sweeps: dict[str, list[Result]] = {}  # newest sweep first, as the store lists runs newest first
 for run in runs:
-    if run.get("sweep_id"):
-        sweeps.setdefault(run["sweep_id"], []).append(run)
+    if run.sweep_id:
+        sweeps.setdefault(run.sweep_id, []).append(run)
 
 
 def describe_sweep(option: str) -> str:
     if option == HAND_PICKED:
         return option
     first = sweeps[option][-1]
-    return (f"Sweep {option[:8]} · {len(sweeps[option])} runs · {first['config']['model']} · "
-            f"{charts.device_name(first)} · {first['created_at'][:16].replace('T', ' ')}")
+    return (f"Sweep {option[:8]} · {len(sweeps[option])} runs · {first.config.model_label} · "
+            f"{first.env.label} · {first.created_at[:16].replace('T', ' ')}")
 
 
 def describe_run(run_id: str) -> str:
     run = by_id[run_id]
-    c = run["config"]
-    return (f"{run['created_at'][:16].replace('T', ' ')} · {c['model']} b{c['batch']}×{c['accum']} {c['precision']} "
-            f"ckpt {charts.field_value(run, 'ckpt')} · {run['status']} · {charts.device_name(run)} · {run_id[:6]}")
+    return (f"{run.created_at[:16].replace('T', ' ')} · {run.config.describe()} · {run.status} · {run.env.label} "
+            f"· {run_id[:6]}")
 
 
 # Runs sent from the Results page ("Compare" on a selection) open as a hand-picked set.
@@ -45,12 +46,12 @@ if sent:
 source = st.selectbox("Runs", list(sweeps) + [HAND_PICKED], format_func=describe_sweep, key="compare.source",
                       help="The latest sweep by default; pick runs by hand to mix sweeps, devices or teammates' runs.")
 if source == HAND_PICKED:
-    st.session_state["compare.runs"] = [i for i in st.session_state.get("compare.runs", [r["id"] for r in runs[:NEWEST_BY_DEFAULT]])
+    st.session_state["compare.runs"] = [i for i in st.session_state.get("compare.runs", [r.id for r in runs[:NEWEST_BY_DEFAULT]])
                                         if i in by_id]
     ids = st.multiselect("Choose runs", list(by_id), format_func=describe_run, key="compare.runs")
 else:
-    ids = [r["id"] for r in sweeps[source]]
-selected = sorted((by_id[i] for i in ids), key=lambda r: r["created_at"])  # a sweep's own order
+    ids = [r.id for r in sweeps[source]]
+selected = sorted((by_id[i] for i in ids), key=lambda r: r.created_at)  # a sweep's own order
 if not selected:
     st.info("Choose at least one run.")
     st.stop()
@@ -61,18 +62,18 @@ ui.three_charts(selected, key="compare")
 
 phases, memory = st.columns(2)
 with phases:
-    ui.show_chart(charts.build_phase_breakdown(selected), key="compare.phases")
+    ui.show_chart(run_charts.build_phase_breakdown(selected), key="compare.phases")
 with memory:
-    ui.show_chart(charts.build_memory_breakdown(selected), key="compare.memory")
+    ui.show_chart(run_charts.build_memory_breakdown(selected), key="compare.memory")
 
-swept = charts.sweep_fields(selected)
+swept = run_charts.sweep_fields(selected)
 if swept:
     st.subheader("Sweep")
     field_column, metric_column = st.columns(2)
     field = field_column.selectbox("Against", swept, key="compare.sweep_field")
-    metric = metric_column.selectbox("Metric", list(charts.SWEEP_METRICS), key="compare.sweep_metric",
-                                     format_func=lambda m: charts.SWEEP_METRICS[m][0])
-    ui.show_chart(charts.build_sweep_lines(selected, field, metric), key="compare.sweep")
+    metric = metric_column.selectbox("Metric", list(run_charts.SWEEP_METRICS), key="compare.sweep_metric",
+                                     format_func=lambda m: run_charts.SWEEP_METRICS[m][0])
+    ui.show_chart(run_charts.build_sweep_lines(selected, field, metric), key="compare.sweep")
 
 st.subheader("Numerical cost and energy")
 numerical_cost_panel(selected, key="compare.numerics")
@@ -82,11 +83,11 @@ with st.expander("Table of these runs"):
 
 if len(selected) >= 2:
     st.subheader("Diff of two runs")
-    labels = dict(zip((r["id"] for r in selected), charts.run_labels(selected)))
+    labels = dict(zip((r.id for r in selected), run_charts.run_labels(selected)))
     a_column, b_column = st.columns(2)
-    options = [r["id"] for r in selected]
+    options = [r.id for r in selected]
     # By default the first and last runs that finished: a failed run has no metrics to compare.
-    finished = [i for i, r in enumerate(selected) if r["status"] == "ok"] or [0, len(options) - 1]
+    finished = [i for i, r in enumerate(selected) if r.ok] or [0, len(options) - 1]
     a = a_column.selectbox("A", options, index=finished[0], format_func=labels.get, key="compare.diff_a")
     b = b_column.selectbox("B", options, index=finished[-1], format_func=labels.get, key="compare.diff_b")
     changes, metrics = diff_runs(by_id[a], by_id[b])

@@ -1,7 +1,7 @@
 """Device page: the GPUs NVML sees, refreshed live, or which CPU runs will use."""
 import streamlit as st
 
-from engine import devices
+from engine import devices, nvml
 from engine.config import GIB
 
 REFRESH_S = 2.0
@@ -14,10 +14,10 @@ def _value(value, fmt: str) -> str:
 @st.fragment(run_every=REFRESH_S)
 def live_devices() -> None:
     """Re-queried every REFRESH_S seconds without rerunning the rest of the page."""
-    gpus = devices.list_gpus()
+    gpus = nvml.list_gpus()
     if not gpus:
-        st.info(f"{devices.nvml_message() or 'No NVIDIA GPU found'}. "
-                f"Benchmarks will run on the CPU: **{devices.cpu_name()}**.")
+        st.info(f"{nvml.unavailable_reason() or 'No NVIDIA GPU found'}. "
+                f"Benchmarks will run on the CPU: **{devices.cpu_model_name()}**.")
         return
     for gpu in gpus:
         st.subheader(f"GPU {gpu['index']}: {gpu['name']}")
@@ -30,7 +30,7 @@ def live_devices() -> None:
         if used is not None and total:
             st.progress(min(used / total, 1.0))
         st.caption(f"Driver {gpu['driver'] or 'n/a'} · CUDA {gpu['cuda'] or 'n/a'}")
-    st.caption(f"Runs with device auto use {devices.default_device()}. Host CPU: {devices.cpu_name()}. "
+    st.caption(f"Runs with device auto use {devices.resolve_device('auto')}. Host CPU: {devices.cpu_model_name()}. "
                f"Refreshed every {REFRESH_S:g} s.")
 
 

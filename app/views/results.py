@@ -4,7 +4,6 @@ import hashlib
 import streamlit as st
 
 from app import exports, storage
-from app.charts import device_name
 from app.tables import runs_frame
 from engine.results import STATUSES
 
@@ -31,18 +30,28 @@ for outcome in outcomes:
 
 # ---------------------------------------------------------------- the table
 results = store.list()
+# The store leaves out rows it cannot read (written by another version, or damaged); say so,
+# so they can be deleted instead of silently missing. COUNT first: reading them is a second pass.
+if store.count() > len(results):
+    unreadable = store.unreadable()
+    with st.expander(f"{len(unreadable)} stored run(s) cannot be read and are not shown"):
+        for run_id, problem in unreadable:
+            st.code(problem, language=None, wrap_lines=True)
+        if st.button("Delete the unreadable runs", key="results.delete_unreadable"):
+            store.delete(run_id for run_id, _ in unreadable)
+            st.rerun()
 if not results:
     st.info("No runs stored yet: run a benchmark on the Run page, import a bundle above, or load the demo data.")
     st.stop()
 
 status_column, model_column, device_column = st.columns(3)
 statuses = status_column.multiselect("Status", STATUSES, key="results.status")
-model_names = model_column.multiselect("Model", sorted({r["config"]["model"] for r in results}), key="results.model")
-device_names = device_column.multiselect("Device", sorted({device_name(r) for r in results}), key="results.device")
+model_names = model_column.multiselect("Model", sorted({r.config.model for r in results}), key="results.model")
+device_names = device_column.multiselect("Device", sorted({r.env.label for r in results}), key="results.device")
 shown = [r for r in results
-         if (not statuses or r["status"] in statuses)
-         and (not model_names or r["config"]["model"] in model_names)
-         and (not device_names or device_name(r) in device_names)]
+         if (not statuses or r.status in statuses)
+         and (not model_names or r.config.model in model_names)
+         and (not device_names or r.env.label in device_names)]
 
 st.caption(f"{len(shown)} of {len(results)} runs. Click a column header to sort; select rows to export, compare or delete them.")
 table = st.dataframe(
@@ -52,7 +61,7 @@ table = st.dataframe(
     selection_mode="multi-row",
     # Keyed by the rows shown: a filter, delete or import starts a fresh selection instead of
     # keeping row numbers that now point at other runs.
-    key="results.table." + hashlib.sha1("".join(r["id"] for r in shown).encode()).hexdigest()[:12],
+    key="results.table." + hashlib.sha1("".join(r.id for r in shown).encode()).hexdigest()[:12],
     column_config={
         "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss"),
         "samples/s": st.column_config.NumberColumn(format="%.1f"),
@@ -83,12 +92,12 @@ csv.download_button("CSV", lambda: exports.csv_bytes(chosen), file_name="tradeof
 report.download_button("HTML report", lambda: exports.report_html(chosen), file_name="tradeoff-lab-report.html",
                        mime="text/html", on_click="ignore", icon=":material/download:")
 if compare.button("Compare", disabled=not selected, help="Open the selected runs on the Compare page."):
-    st.session_state["compare.ids"] = [r["id"] for r in selected]
+    st.session_state["compare.ids"] = [r.id for r in selected]
     st.switch_page("views/compare.py")
 with delete.popover("Delete", disabled=not selected, icon=":material/delete:"):
     st.write(f"Delete {len(selected)} run(s) from the store? This cannot be undone.")
     if st.button("Delete for good", type="primary"):
-        st.session_state["results.deleted"] = store.delete(r["id"] for r in selected)
+        st.session_state["results.deleted"] = store.delete(r.id for r in selected)
         st.rerun()
 if "results.deleted" in st.session_state:
     st.success(f"Deleted {st.session_state.pop('results.deleted')} run(s).")

@@ -1,0 +1,308 @@
+"""Per-run figures: the three main charts, the phase and memory breakdowns and sweep lines.
+
+Builders take Results in the order they should appear and draw one bar or point per run.
+Failed runs (oom, timeout, error, cancelled) stay on every chart as marked placeholders with
+their status: silently dropping the OOM of a sweep would hide the most important result.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import plotly.graph_objects as go
+
+from engine import presets
+from engine.config import FIELD_NAMES, GIB
+from engine.results import BREAKDOWN_KEYS, Result
+
+from .common import OFF_SCALE_FACTOR, add_failed_placeholders, error_bars, layout, limit_line
+
+THROUGHPUT_TITLE = "Throughput"
+PEAK_MEMORY_TITLE = "Peak memory"
+BACKWARD_TITLE = "Backward time"
+PHASE_TITLE = "Phase breakdown"
+MEMORY_BREAKDOWN_TITLE = "Memory breakdown"
+PHASES = (("forward_ms", "forward"), ("backward_ms", "backward"), ("optimizer_ms", "optimizer"))
+
+# Fields that can tell runs apart, in label order; "overrides" stands for every model
+# dimension any of the runs overrides (seq_len, d_model...).
+LABEL_FIELDS = ("model", "overrides", "batch", "accum", "precision", "ckpt", "optimizer", "memory_cap_gib", "device")
+# Sweep charts may also use the effective batch (a fixed-effective-batch sweep varies it not at
+# all, a batch sweep varies it with batch); labels never need it: batch and accum say it.
+CHART_AXES = LABEL_FIELDS[:4] + ("effective_batch",) + LABEL_FIELDS[4:]
+_FIELD_FORMATS = {
+    "batch": "b{}",
+    "accum": "accum {}",
+    "ckpt": "ckpt {}",
+    "model": "{}",
+    "precision": "{}",
+    "optimizer": "{}",
+    "device": "{}",
+}
+
+
+# --------------------------------------------------------------------------- run fields
+def field_value(result: Result, field: str):
+    """A run's value of a config field, a model dimension (``seq_len``...), ``effective_batch``
+    or ``device`` (the device's name); a dimension the run did not override is the preset's value."""
+    config = result.config
+    if field == "device":
+        return result.env.label
+    if field == "effective_batch":
+        return result.metrics.effective_batch
+    if field == "ckpt" and config.ckpt == "every-k":
+        return f"every-{config.k}"
+    if field in FIELD_NAMES:
+        return getattr(config, field)
+    if field in config.overrides or presets.is_user_model(config.model):
+        return config.overrides.get(field)
+    return presets.preset_dims(config.model, config.overrides)[1].get(field)
+
+
+def _field_text(result: Result, field: str) -> str:
+    value = field_value(result, field)
+    if field == "memory_cap_gib":
+        return f"cap {value:g} GiB" if value else "no cap"
+    return _FIELD_FORMATS.get(field, field + "={}").format(value)
+
+
+def varying_fields(results: list[Result], fields: tuple[str, ...] = LABEL_FIELDS) -> list[str]:
+    """Those of ``fields`` whose value differs between the given runs (what a sweep swept);
+    "overrides" expands to the model dimensions any run overrides."""
+    dims = sorted({k for r in results for k in r.config.overrides})
+    candidates = [d for f in fields for d in (dims if f == "overrides" else [f])]
+    return [f for f in candidates if len({repr(field_value(r, f)) for r in results}) > 1]
+
+
+def run_labels(results: list[Result]) -> list[str]:
+    """One short, unique x-axis label per run built from the fields that differ between runs.
+
+    A sweep over batch × precision reads "b4 · bf16" rather than repeating the model name on
+    every bar; identical configs (repeats, or a teammate's run of the same settings) get the
+    first characters of their id so no two bars share a category.
+    """
+    fields = varying_fields(results) or ["model", "batch", "precision", "ckpt"]
+    labels = [" · ".join(_field_text(r, f) for f in fields) for r in results]
+    counts = {label: labels.count(label) for label in labels}
+    return [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]
+
+
+def _summary(result: Result, key: str) -> tuple[float, float, float] | None:
+    summary = result.metrics.phase(key)
+    return None if summary is None else (summary.median, summary.p10, summary.p90)
+
+
+def throughput_unit(results: list[Result]) -> str:
+    """tokens/s when every successful run has a sequence length, else samples/s."""
+    ok = [r for r in results if r.ok]
+    return "tokens/s" if ok and all(r.metrics.tokens_per_s is not None for r in ok) else "samples/s"
+
+
+def throughput(result: Result, unit: str) -> tuple[float, float, float] | None:
+    """(value, low, high) of a run's throughput in ``unit``.
+
+    Throughput is effective batch / step time, so its spread comes from the step-time
+    percentiles inverted: the p90 (slow) step gives the low end, the p10 step the high end.
+    """
+    value = result.metrics.tokens_per_s if unit == "tokens/s" else result.metrics.samples_per_s
+    step = _summary(result, "step_ms")
+    if value is None:
+        return None
+    if not step or not step[1] or not step[2]:
+        return value, value, value
+    median, p10, p90 = step
+    return value, value * median / p90, value * median / p10
+
+
+def peak_memory_gib(result: Result) -> tuple[float, None, None] | None:
+    """Peak allocated memory in GiB (no spread: it is one number per run)."""
+    peak = result.metrics.peak_allocated_bytes
+    return None if peak is None else (peak / GIB, None, None)
+
+
+def backward_ms(result: Result) -> tuple[float, float, float] | None:
+    """Median, p10 and p90 of the backward phase per optimizer step, in ms."""
+    return _summary(result, "backward_ms")
+
+
+# --------------------------------------------------------------------------- per-run layout
+def _per_run_layout(fig: go.Figure, title: str, unit: str, categories: list[str], stacked: bool) -> go.Figure:
+    """Runs in their given order on a category axis, y from zero; a per-run chart's devices
+    are listed above the plot, one per line, with the top margin grown to fit them."""
+    entries = sum(1 for trace in fig.data if trace.showlegend)
+    layout(fig, title, y_title=unit, legend="right" if stacked else "above", bottom=20,
+           top=60 if stacked else 60 + 20 * entries, showlegend=entries > 0,
+           # "overlay": each category of a per-run chart holds exactly one bar, so grouping
+           # would only shift and narrow bars to leave room for other devices' empty slots.
+           barmode="stack" if stacked else "overlay")
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=categories, automargin=True)
+    fig.update_yaxes(rangemode="nonnegative")  # even when every run failed and all that is drawn sits at 0
+    return fig
+
+
+def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
+    """Bars of one value per successful run, one trace per device; with runs from more than one
+    device the legend names them, so an H100 run beside a laptop run is visibly other hardware."""
+    labels = run_labels(results)
+    fig = go.Figure()
+    by_device: dict[str, list[int]] = {}
+    for i, result in enumerate(results):
+        if result.ok and values(result) is not None:
+            by_device.setdefault(result.env.label, []).append(i)
+    for name, indices in by_device.items():
+        points = [values(results[i]) for i in indices]
+        fig.add_bar(
+            name=name,
+            x=[labels[i] for i in indices],
+            y=[p[0] for p in points],
+            error_y=error_bars(points),
+            showlegend=len(by_device) > 1,
+            customdata=[results[i].id for i in indices],
+            hovertemplate=f"%{{x}}<br>%{{y:.4g}} {unit}<extra>{name}</extra>",
+        )
+    add_failed_placeholders(fig, results, labels, upright=True)
+    return _per_run_layout(fig, title, unit, labels, stacked=False)
+
+
+# --------------------------------------------------------------------------- the three charts
+def build_throughput(results: list[Result]) -> go.Figure:
+    """Throughput per run (tokens/s or samples/s) with p10/p90 error bars."""
+    unit = throughput_unit(results)
+    return _per_run_bars(results, THROUGHPUT_TITLE, unit, lambda r: throughput(r, unit))
+
+
+def capacity_lines(results: list[Result]) -> list[tuple[float, str]]:
+    """(GiB, label) of each distinct memory limit: the run's memory cap, else its device capacity."""
+    lines: dict[int, str] = {}
+    for result in results:
+        limit, cap = result.memory_limit_bytes, result.config.memory_cap_gib
+        if limit:
+            label = f"memory cap {cap:g} GiB" if cap is not None else f"{result.env.label} capacity {limit / GIB:.1f} GiB"
+            lines.setdefault(round(limit), label)
+    return sorted((nbytes / GIB, label) for nbytes, label in lines.items())
+
+
+def build_peak_memory(results: list[Result]) -> go.Figure:
+    """Peak allocated memory per run in GiB, with the device capacity (or cap) as a line."""
+    fig = _per_run_bars(results, PEAK_MEMORY_TITLE, "GiB", peak_memory_gib)
+    bars = [p[0] for r in results if r.ok and (p := peak_memory_gib(r))]
+    tallest = max(bars, default=0.0)
+    lines = capacity_lines(results)
+    off_scale = [label for gib, label in lines if tallest and gib > OFF_SCALE_FACTOR * tallest]
+    for gib, label in lines:
+        limit_line(fig, gib, label)
+    if off_scale:
+        top = max([tallest] + [gib for gib, label in lines if label not in off_scale])
+        fig.update_yaxes(range=[0, top * 1.25])
+        fig.update_layout(title_subtitle_text="off the scale: " + "; ".join(off_scale),
+                          margin_t=fig.layout.margin.t + 20)
+    return fig
+
+
+def build_backward_time(results: list[Result]) -> go.Figure:
+    """Backward time per optimizer step (median, p10/p90 error bars) in ms."""
+    return _per_run_bars(results, BACKWARD_TITLE, "ms", backward_ms)
+
+
+MAIN_CHARTS = (build_throughput, build_peak_memory, build_backward_time)
+
+
+# --------------------------------------------------------------------------- breakdowns
+def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str, Callable[[Result], float | None]]]) -> go.Figure:
+    labels = run_labels(results)
+    ok = [i for i, r in enumerate(results) if r.ok]
+    fig = go.Figure()
+    for name, value in parts:
+        fig.add_bar(
+            name=name,
+            x=[labels[i] for i in ok],
+            y=[value(results[i]) for i in ok],
+            showlegend=True,
+            hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}} {unit}<extra></extra>",
+        )
+    add_failed_placeholders(fig, results, labels, upright=True)
+    return _per_run_layout(fig, title, unit, labels, stacked=True)
+
+
+def build_phase_breakdown(results: list[Result]) -> go.Figure:
+    """Forward / backward / optimizer medians per run, stacked, in ms per optimizer step."""
+    parts = [(name, lambda r, key=key: r.metrics.phase(key).median) for key, name in PHASES]
+    return _stacked(results, PHASE_TITLE, "ms", parts)
+
+
+def build_memory_breakdown(results: list[Result]) -> go.Figure:
+    """Params / grads / optimizer state / activations / other at the peak, stacked, in GiB."""
+
+    def part(key: str) -> Callable[[Result], float | None]:
+        def value(result: Result) -> float | None:
+            breakdown = result.metrics.memory_breakdown_bytes
+            return None if breakdown is None else getattr(breakdown, key) / GIB
+        return value
+
+    return _stacked(results, MEMORY_BREAKDOWN_TITLE, "GiB", [(key, part(key)) for key in BREAKDOWN_KEYS])
+
+
+# --------------------------------------------------------------------------- sweep lines
+# metric name -> (title, unit for given results, value function taking (result, unit))
+SWEEP_METRICS: dict[str, tuple[str, Callable[[list[Result]], str], Callable[[Result, str], tuple | None]]] = {
+    "throughput": (THROUGHPUT_TITLE, throughput_unit, throughput),
+    "peak_memory": (PEAK_MEMORY_TITLE, lambda results: "GiB", lambda r, unit: peak_memory_gib(r)),
+    "backward": (BACKWARD_TITLE, lambda results: "ms", lambda r, unit: backward_ms(r)),
+    "step": ("Step time", lambda results: "ms", lambda r, unit: _summary(r, "step_ms")),
+}
+
+
+def sweep_fields(results: list[Result]) -> list[str]:
+    """Fields a sweep chart can put on its x axis: those that vary between the runs."""
+    return varying_fields(results, CHART_AXES)
+
+
+def _determined_by(results: list[Result], field: str, other: str) -> bool:
+    """Whether ``other`` is a function of ``field`` over these runs (accum in a fixed-effective-
+    batch sweep over batch): splitting lines by it would give one point per line."""
+    seen: dict[str, str] = {}
+    for result in results:
+        x, y = repr(field_value(result, field)), repr(field_value(result, other))
+        if seen.setdefault(x, y) != y:
+            return False
+    return True
+
+
+def build_sweep_lines(results: list[Result], field: str, metric: str = "throughput") -> go.Figure:
+    """``metric`` against the swept ``field``, one line per combination of the other varied fields.
+
+    Numeric fields (batch, accumulation...) go on a log axis because sweeps double them;
+    failed runs sit at y = 0 as marked placeholders at their x value.
+    """
+    title, unit_of, value_of = SWEEP_METRICS[metric]
+    unit = unit_of(results)
+    others = [f for f in sweep_fields(results) if f != field and not _determined_by(results, field, f)]
+    xs = [field_value(r, field) for r in results]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    if not numeric:
+        xs = [str(x) for x in xs]  # categories, "None" (e.g. no memory cap) included
+    groups: dict[str, list[int]] = {}
+    for i, result in enumerate(results):
+        name = ", ".join(f"{f}={field_value(result, f)}" for f in others) or "all runs"
+        groups.setdefault(name, []).append(i)
+    fig = go.Figure()
+    for name, members in groups.items():
+        ok = [(xs[i], value_of(results[i], unit)) for i in members if results[i].ok]
+        ok = [(x, p) for x, p in ok if p is not None]
+        if numeric:
+            ok.sort(key=lambda item: item[0])
+        fig.add_scatter(
+            name=name,
+            x=[x for x, _ in ok],
+            y=[p[0] for _, p in ok],
+            error_y=error_bars([p for _, p in ok]),
+            mode="lines+markers",
+            hovertemplate=f"{field}=%{{x}}<br>%{{y:.4g}} {unit}<extra>{name}</extra>",
+        )
+    add_failed_placeholders(fig, results, xs)
+    layout(fig, f"{title} vs {field}", x_title=field, y_title=unit, yaxis_rangemode="nonnegative")
+    if numeric:
+        ticks = sorted(set(xs))
+        fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    else:
+        fig.update_xaxes(type="category")
+    return fig

@@ -1,0 +1,94 @@
+"""The benchmark commands: ``run``, ``sweep``, ``devices`` and ``show``."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import ConfigError, check_runnable
+from ..results import read_results
+from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, fmt_bytes,
+                     format_table, grid_from_args, result_sinks)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ..worker import run
+
+    config = config_from_args(args)
+    check_runnable(config)
+    printer = ProgressPrinter()
+    on_result = result_sinks(args, printer, print_json=args.json)
+    result = run(config, printer)
+    on_result(result)
+    if not args.json:
+        print(format_table([result]))
+    return 0 if result.ok else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ..sweep import expand, run_sweep
+
+    effective = None
+    if args.effective_batch is not None:
+        if not args.effective_batch.strip().isdigit():
+            raise ConfigError("effective_batch", args.effective_batch, "an integer >= 1")
+        effective = int(args.effective_batch)
+    base, grid = grid_from_args(args)
+    configs, notes = expand(base, grid, effective)
+    if not configs:
+        raise CLIError("nothing to run: " + "; ".join(notes or ["no configurations"]))
+    for config in configs:
+        check_runnable(config)
+    printer = ProgressPrinter()
+    for note in notes:
+        printer.line(f"note: {note}")
+    on_result = result_sinks(args, printer, print_json=args.json)
+    results = run_sweep(configs, printer, on_result)
+    if not args.json:
+        print(format_table(results))
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from .. import nvml
+    from ..devices import cpu_model_name, resolve_device
+
+    gpus = nvml.list_gpus()
+    for gpu in gpus:
+        used, total = fmt_bytes(gpu["memory_used_bytes"]), fmt_bytes(gpu["memory_total_bytes"])
+        util = f"{gpu['utilization_pct']}%" if gpu["utilization_pct"] is not None else "-"
+        print(f"GPU {gpu['index']}  {gpu['name']}  memory {used} / {total}  utilisation {util}  "
+              f"driver {gpu['driver'] or '-'}  CUDA {gpu['cuda'] or '-'}")
+    if not gpus:
+        print(nvml.unavailable_reason() or "No NVIDIA GPU found")
+    device = resolve_device("auto")
+    detail = f" ({cpu_model_name()})" if device == "cpu" else ""
+    print(f"Benchmarks with --device auto run on: {device}{detail}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    results = read_results(args.file)
+    print(format_table(results) if results else f"{args.file}: no results")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add run, sweep, devices and show to ``python -m engine``."""
+    run = subparsers.add_parser("run", help="benchmark one configuration in a worker process",
+                                description="Benchmark one configuration. Exit code 0 when the run is ok, 1 when it failed (oom, error, timeout).")
+    add_config_flags(run)
+    add_output_flags(run)
+    run.set_defaults(func=_cmd_run)
+
+    sweep = subparsers.add_parser("sweep", help="benchmark every combination of comma-separated values",
+                                  description="Benchmark the cross product of comma lists, e.g. --batch 1,2,4 --precision fp32,bf16. Continues past failures.")
+    add_config_flags(sweep, lists=True)
+    sweep.add_argument("--effective-batch", metavar="N", help="set accum = N / batch; skip batches that do not divide N")
+    add_output_flags(sweep)
+    sweep.set_defaults(func=_cmd_sweep)
+
+    devices = subparsers.add_parser("devices", help="list NVIDIA GPUs and the device --device auto uses")
+    devices.set_defaults(func=_cmd_devices)
+
+    show = subparsers.add_parser("show", help="print a results file (JSON Lines) as a table")
+    show.add_argument("file", metavar="FILE")
+    show.set_defaults(func=_cmd_show)

@@ -1,0 +1,240 @@
+"""What every ``python -m engine`` command shares: config flags generated from the config's
+field declarations, argument errors, output formatting, progress on stderr and result sinks.
+
+Nothing here imports torch: parsing arguments and printing stored results start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, TextIO
+
+from ..config import CONFIG_FIELDS, GIB, SCALAR_FIELDS, BenchConfig, ConfigError, parse_override
+from ..progress import Progress
+from ..results import Result, read_results, write_jsonl
+from ..store import Store
+
+MIB = 1024**2
+
+
+class CLIError(Exception):
+    """Bad command-line input that is not a config field (e.g. nothing to run)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------- config flags
+def add_config_flags(parser: argparse.ArgumentParser, lists: bool = False) -> None:
+    """One flag per BenchConfig field (``--set KEY=VALUE`` for the model dimensions); with
+    ``lists``, each takes a comma list (a sweep)."""
+    suffix = " (comma list)" if lists else ""
+    for field in CONFIG_FIELDS:
+        if field.kind is dict:
+            example = "seq_len=128,256" if lists else "seq_len=256"
+            parser.add_argument(field.flag, dest=field.name, action="append", default=[], metavar="KEY=VALUE",
+                                help=f"model dimension override, e.g. {example} (repeatable)")
+            continue
+        parser.add_argument(field.flag, dest=field.name, metavar="VALUES" if lists else "VALUE",
+                            help=f"{field.spec.help}: {field.allowed()} (default {field.format(field.default)}){suffix}")
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise ConfigError("--set", item, "KEY=VALUE, e.g. seq_len=256")
+    return key.strip(), value
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The BenchConfig for flags added by ``add_config_flags`` (unset flags keep defaults).
+
+    Raises ConfigError naming the field for any bad value.
+    """
+    fields = {}
+    for field in SCALAR_FIELDS:
+        text = getattr(args, field.name, None)
+        if text is not None:
+            fields[field.name] = field.parse(text)
+    overrides = {}
+    for item in getattr(args, "overrides", None) or []:
+        key, value = _split_override(item)
+        overrides[key] = parse_override(key, value)
+    if overrides:
+        fields["overrides"] = overrides
+    return BenchConfig(**fields)
+
+
+def grid_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, list]]:
+    """(base, grid) for ``sweep.expand`` from list flags: one value -> base, several -> grid."""
+    base: dict = {}
+    grid: dict[str, list] = {}
+
+    def put(name: str, values: list) -> None:
+        if len(values) == 1:
+            if name.startswith("overrides."):
+                base.setdefault("overrides", {})[name.split(".", 1)[1]] = values[0]
+            else:
+                base[name] = values[0]
+        else:
+            grid[name] = values
+
+    for field in SCALAR_FIELDS:
+        text = getattr(args, field.name, None)
+        if text is not None:
+            put(field.name, [field.parse(part) for part in text.split(",")])
+    for item in args.overrides:
+        key, value = _split_override(item)
+        put(f"overrides.{key}", [parse_override(key, part) for part in value.split(",")])
+    return base, grid
+
+
+def add_output_flags(parser: argparse.ArgumentParser, json_help: str = "print each result as JSON on stdout") -> None:
+    """--out, --db and --json."""
+    parser.add_argument("--out", metavar="FILE", help="append the runs made to this JSON Lines file")
+    parser.add_argument("--db", metavar="PATH", help="store the runs made in this SQLite database")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+# ------------------------------------------------------------------------- values
+def number_list(text: str, name: str, kind=float) -> list:
+    """A comma list of numbers > 0; CLIError naming the flag otherwise."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CLIError(f"{name}: {text!r} is not a comma list of numbers") from None
+    if not values or any(not v > 0 or v == float("inf") for v in values):
+        raise CLIError(f"{name}: {text!r} needs one or more finite values > 0")
+    return values
+
+
+def margin(value: float) -> float:
+    """A memory margin: a fraction in [0, 1)."""
+    if not 0 <= value < 1:
+        raise CLIError(f"--margin: {value!r} must be a fraction in [0, 1), e.g. 0.05")
+    return value
+
+
+def load_results(args: argparse.Namespace) -> list[Result]:
+    """Results from every --results file and the --db database (newest first)."""
+    results = []
+    if args.db:
+        if not os.path.exists(args.db):
+            raise CLIError(f"--db: {args.db}: no such database")
+        results.extend(Store(args.db).list())
+    for path in getattr(args, "results", None) or []:
+        results.extend(sorted(read_results(path), key=lambda r: r.created_at, reverse=True))
+    return results
+
+
+# ------------------------------------------------------------------------- output
+def fmt_bytes(value) -> str:
+    """Bytes as "1.25 GiB" / "12.0 MiB", "-" when unknown."""
+    if value is None:
+        return "-"
+    return f"{value / GIB:,.2f} GiB" if value >= GIB else f"{value / MIB:,.1f} MiB"
+
+
+def fmt_pct(value) -> str:
+    """A signed fraction as a percentage, "-" when unknown."""
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def table(header: tuple, rows: list[tuple]) -> str:
+    """A plain-text table with a rule under the header, for terminals and logs."""
+    cells = [tuple(str(c) for c in row) for row in (header, *rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ms(summary) -> str:
+    return f"{summary.median:.1f}" if summary else "-"
+
+
+def _short_config(config: BenchConfig) -> str:
+    ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
+    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+
+
+def result_line(result: Result) -> str:
+    """One line about a result: the config, then the headline numbers or the error, then
+    its warnings (noise, skipped steps) on the following lines."""
+    head = f"{result.status:<9} {_short_config(result.config)}"
+    if not result.ok:
+        return f"{head}: {result.error}"
+    m = result.metrics
+    rate = f"{m.samples_per_s:.1f} samples/s" if m.samples_per_s is not None else "-"
+    return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}"
+
+
+def format_table(results: list[Result]) -> str:
+    """A plain-text table of results (one row each)."""
+    rows = []
+    for r in results:
+        c, m = r.config, r.metrics
+        error = r.error or ""
+        rows.append((
+            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
+            _ms(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
+            "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
+            error if len(error) <= 60 else error[:57] + "...",
+        ))
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "fwd ms", "bwd ms",
+                  "samples/s", "peak alloc", "error"), rows)
+
+
+def emit_json(obj) -> None:
+    """An answer as indented JSON on stdout."""
+    print(json.dumps(obj, allow_nan=False, indent=2))
+
+
+class ProgressPrinter:
+    """Progress events on stderr: one rewritten line on a terminal, a line per phase otherwise."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = None
+
+    def __call__(self, event: Progress) -> None:
+        key = (event.index, event.trial, event.phase)
+        if self.tty:
+            self.stream.write(f"\r\033[K{event.describe()}")
+            self.stream.flush()
+        elif key != self.last:
+            self.stream.write(f"{event.within(step=0, total=0).describe()}\n")
+        self.last = key
+
+    def line(self, text: str) -> None:
+        """A permanent line (clears a rewritten progress line first)."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+        self.last = None
+
+
+def result_sinks(args: argparse.Namespace, printer: ProgressPrinter, print_json: bool) -> Callable[[Result], None]:
+    """What happens to each result as it arrives: --out, --db, JSON on stdout (when
+    ``print_json``), and a line on stderr. The database is opened now, so a bad --db fails
+    before anything runs."""
+    store = Store(args.db) if args.db else None
+
+    def on_result(result: Result) -> None:
+        if args.out:
+            write_jsonl(args.out, [result], append=True)
+        if store is not None:
+            store.add(result)
+        if print_json:
+            print(result.to_json(), flush=True)
+        printer.line(result_line(result))
+        for warning in result.warnings:
+            printer.line(f"  warning: {warning}")
+
+    return on_result

@@ -1,0 +1,52 @@
+"""The built-in model presets and their dimensions, as plain data (no torch).
+
+``engine.models`` builds them; configuration, validation, forms and links only need the
+names and dimensions, and must not pay for importing torch to get them.
+"""
+from __future__ import annotations
+
+# Dimension names and defaults per family; a preset only changes some of them.
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "gpt": {"seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12, "vocab": 50304},
+    "mlp": {"in_features": 1024, "width": 1024, "depth": 4, "num_classes": 10},
+    "cnn": {"image_size": 64, "channels": 3, "width": 64, "depth": 4, "num_classes": 10},
+}
+
+# GPT-2 family dimensions (Radford et al. 2019); vocab padded to a multiple of 64 as in
+# nanoGPT, which keeps the tied embedding matmul on fast kernels.
+PRESETS: dict[str, tuple[str, dict[str, int]]] = {
+    "gpt-tiny": ("gpt", {"seq_len": 128, "d_model": 192, "n_layers": 4, "n_heads": 6, "vocab": 8192}),
+    "gpt-small": ("gpt", {"d_model": 768, "n_layers": 12, "n_heads": 12}),
+    "gpt-medium": ("gpt", {"d_model": 1024, "n_layers": 24, "n_heads": 16}),
+    "gpt-large": ("gpt", {"d_model": 1280, "n_layers": 36, "n_heads": 20}),
+    "gpt-xl": ("gpt", {"d_model": 1600, "n_layers": 48, "n_heads": 25}),
+    "mlp": ("mlp", {}),
+    "cnn": ("cnn", {}),
+}
+
+
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` is a user's ``module:function`` rather than a preset."""
+    return ":" in name
+
+
+def preset_dims(name: str, overrides: dict | None = None) -> tuple[str, dict[str, int]]:
+    """Family and full dimension dict of a preset with ``overrides`` applied."""
+    family, dims = PRESETS[name]
+    merged = {**FAMILY_DEFAULTS[family], **dims, **(overrides or {})}
+    return family, merged
+
+
+def dimension_names() -> list[str]:
+    """Every model dimension any preset has (the ``--set`` keys), in a stable order."""
+    names: dict[str, None] = {}
+    for defaults in FAMILY_DEFAULTS.values():
+        names.update(dict.fromkeys(defaults))
+    return list(names)
+
+
+def gpt_param_count(dims: dict[str, int]) -> int:
+    """Exact parameter count of the GPT preset model with these dims (tied head counted once)."""
+    C, L, V, T = dims["d_model"], dims["n_layers"], dims["vocab"], dims["seq_len"]
+    per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * per_block + 2 * C
