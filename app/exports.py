@@ -26,6 +26,8 @@ table { border-collapse: collapse; font-size: 0.85rem; margin: 1rem 0; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
 pre { background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.75rem; }
 """
+# A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|...).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def bundle_bytes(results: list[Result]) -> bytes:
@@ -33,9 +35,21 @@ def bundle_bytes(results: list[Result]) -> bytes:
     return dumps_jsonl(results).encode("utf-8")
 
 
+def spreadsheet_text(value):
+    """A text cell a spreadsheet would run as a formula, prefixed with ``'`` so it shows as
+    text (OWASP's advice for CSV); anything else, numbers included, as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 def csv_bytes(results: list[Result]) -> bytes:
-    """The runs table (status, config, key metrics) as CSV."""
-    return runs_frame(results).to_csv(index=False).encode("utf-8")
+    """The runs table (status, config, key metrics) as CSV; text cells that a spreadsheet
+    would take for a formula (a model, device or error from a file) are made plain text."""
+    frame = runs_frame(results)
+    text = frame.select_dtypes(include=["object", "string"]).columns
+    frame[text] = frame[text].map(spreadsheet_text)
+    # CRLF rows (RFC 4180): the writer then quotes a cell holding a lone carriage return too,
+    # which a spreadsheet would otherwise take for the end of the row.
+    return frame.to_csv(index=False, lineterminator="\r\n").encode("utf-8")
 
 
 def report_figures(results: list[Result]) -> list:

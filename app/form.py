@@ -18,7 +18,7 @@ import os
 
 import streamlit as st
 
-from engine import devices, presets
+from engine import devices, limits, presets
 from engine.config import CONFIG_FIELDS, SCALAR_FIELDS, BenchConfig, ConfigError, ConfigField, check_runnable
 
 from . import params, ui
@@ -119,6 +119,31 @@ def _device(field: ConfigField, values: dict) -> str:
                         format_func=lambda d: f"auto ({devices.resolve_device('auto')})" if d == "auto" else d)
 
 
+def server_limit(name: str) -> float | None:
+    """This server's limit on config field ``name`` (``engine.limits``), None without one or
+    when its setting is broken (``check_runnable`` then names the setting under the form)."""
+    try:
+        return limits.limit_for(name)
+    except ConfigError:
+        return None
+
+
+def _maximum(field: ConfigField) -> float | None:
+    """The largest value a field's input takes: its declared maximum or this server's limit,
+    whichever is lower (never below the field's minimum: a limit set below it leaves the
+    input drawable, and the form's check says which setting refuses every value). A value
+    already in the session above it (the limit was lowered) is brought down to it, as the
+    input would refuse to draw it."""
+    bounds = [bound for bound in (field.spec.maximum, server_limit(field.name)) if bound is not None]
+    if not bounds:
+        return None
+    highest = max(min(bounds), field.spec.minimum or 0)
+    key = field_key(field.name)
+    if isinstance(st.session_state.get(key), (int, float)) and st.session_state[key] > highest:
+        st.session_state[key] = field.kind(highest)
+    return highest
+
+
 def _widget(field: ConfigField, values: dict):
     """The widget of a field by its kind; returns its value."""
     spec = field.spec
@@ -127,13 +152,14 @@ def _widget(field: ConfigField, values: dict):
                   disabled=not field.applies(current), **PERSIST)
     if field.choices:
         return st.selectbox(options=field.choices, format_func=lambda c: spec.choice_words.get(c, c), **common)
+    highest = _maximum(field)
     if field.kind is int:
         return st.number_input(min_value=None if spec.minimum is None else int(spec.minimum),
-                               max_value=None if spec.maximum is None else int(spec.maximum),
+                               max_value=None if highest is None else int(highest),
                                step=int(spec.step or 1), **common)
     if field.kind is float:
         value = st.number_input(min_value=None if spec.minimum is None else float(spec.minimum),
-                                max_value=None if spec.maximum is None else float(spec.maximum),
+                                max_value=None if highest is None else float(highest),
                                 step=float(spec.step or 1.0), placeholder="none" if field.nullable else None, **common)
         # A nullable number: empty means none, and so does 0 (the memory cap's old "0 = none").
         return None if field.nullable and not value else value
@@ -163,7 +189,7 @@ def config_form() -> BenchConfig | None:
         config = BenchConfig(**values)
         check_runnable(config)  # the machine's checks: device present, cap fits it, user model imports
     except ConfigError as exc:
-        st.error(f"Invalid setting: {exc}")
+        st.error(f"Invalid setting: {ui.plain(exc)}")
         return None
     return config
 

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from app import params, ui  # noqa: E402
+from app import params, storage, ui  # noqa: E402
 
 VIEWS = Path(__file__).parent / "views"
 
@@ -24,7 +24,9 @@ VIEWS = Path(__file__).parent / "views"
 st.session_state.setdefault(ui.PRESENTATION_KEY, st.query_params.get(params.PRESENT) == "1")
 st.set_page_config(
     page_title="Tradeoff Lab",
-    page_icon=":material/speed:",
+    # An emoji, drawn by the browser: a :material/...: favicon is fetched from fonts.gstatic.com,
+    # a request to another host on every page load (and none at all offline).
+    page_icon="⚡",
     layout="wide",
     initial_sidebar_state="collapsed" if ui.presenting() else "auto",
 )
@@ -40,4 +42,5 @@ page = st.navigation(pages)
 with st.sidebar:
     st.toggle("Presentation mode", key=ui.PRESENTATION_KEY, help="Larger fonts and charts, sidebar collapsed: for a projector.")
 ui.apply_presentation_css()
-page.run()
+with storage.database_errors_shown():
+    page.run()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import ui
+from app import form, storage, ui
 from app.charts import decisions
 from app.tasks import Task, task_button
 from engine import finder, numerics
 from engine.config import GIB, BenchConfig
 from engine.results import Result
-from engine.store import Store
 
 
 def gib(value) -> str:
@@ -24,20 +23,24 @@ def percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
-def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str) -> None:
+def find_batch_panel(config: BenchConfig, margin: float, key: str) -> None:
     """Inputs, a "Find batch size" button and, once done, the largest and fastest micro-batch
     with every trial as a chart. ``key`` keeps each page's finder apart."""
     st.caption(f"Doubles the micro-batch until a run does not fit (out of memory, or less than {margin:.0%} of "
                "the memory left free), then binary-searches; every trial is a real run in the worker and is stored.")
     left, middle, right = st.columns(3)
-    max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key=f"{key}.max")
+    most = form.server_limit("batch")
+    most = None if most is None else max(int(most), 1)
+    max_batch = left.number_input("Largest batch to try", min_value=1, value=min(256, most or 256), step=1,
+                                  key=f"{key}.max", max_value=most)
     limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key=f"{key}.limit")
 
     def find(progress, on_result, cancel) -> dict:
         return finder.find_batch(config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit),
                                  progress=progress, on_result=on_result, cancel=cancel)
 
-    state = task_button(key, "Find batch size", lambda: Task("Finding the batch size", find, store), where=right)
+    state = task_button(key, "Find batch size", lambda: Task("Finding the batch size", find, storage.get_store()),
+                        where=right)
     if state is None or not state.succeeded:
         return
     report = state.value
@@ -49,7 +52,7 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     columns[2].metric("Memory budget", gib(report["budget_bytes"]),
                       help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
     if report["stopped"]:
-        st.warning(f"Stopped early: {report['stopped']}")
+        st.warning(f"Stopped early: {ui.plain(report['stopped'])}")
     ui.show_chart(decisions.build_finder_trials(report), key=f"{key}.chart")
     st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
 

@@ -5,14 +5,15 @@ Generated from the config's field declarations: every scalar field travels under
 key (``seq_len``, ``n_layers``...), so a new field needs no edit here. A value that does not
 parse, or that BenchConfig rejects, is dropped with a warning naming the parameter, the value
 and what is allowed, so a mistyped or stale link opens the page with the default instead of
-an error page. ``model`` must name a built-in preset: a link is untrusted input and must
-never make the app import a module.
+an error page; so is a value above this server's limits (``engine.limits``: a link must not
+book a shared GPU for days with ``steps=1000000000``). ``model`` must name a built-in preset:
+a link is untrusted input and must never make the app import a module.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-from engine import presets
+from engine import limits, presets
 from engine.config import FIELDS_BY_NAME, SCALAR_FIELDS, BenchConfig, ConfigError, ConfigField, parse_override
 
 # Presentation mode travels as present=1.
@@ -28,6 +29,7 @@ def _parse(field: ConfigField, raw: str, choices: Mapping[str, list]) -> object:
     if field.name in choices and value not in choices[field.name]:
         raise ConfigError(field.name, raw, ", ".join(choices[field.name]))
     BenchConfig(**{field.name: value})  # the engine's own validation and message
+    limits.check_field_limit(field.name, value)
     return value
 
 

@@ -1,14 +1,18 @@
-"""Storage glue: the run store every session shares, bundle import and the demo data set."""
+"""Storage glue: the run store every session shares, one message when its database is
+unusable, and the demo data set."""
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+import sqlite3
 from pathlib import Path
+from typing import Iterator
 
 import streamlit as st
 
-from engine.results import ResultFormatError, parse_results
-from engine.store import Store
+from engine.store import ImportOutcome, Store, StoreError, default_path, import_bundle
+
+from . import ui
 
 DEMO_DIR = Path(__file__).parent / "demo"
 
@@ -22,40 +26,28 @@ def get_store() -> Store:
     """The store at $TRADEOFF_LAB_DB (default data/runs.sqlite), one per path per server.
 
     Keyed by the variable's current value, so a test (or a second app) pointing at another
-    database never gets a store opened for the first one.
+    database never gets a store opened for the first one. Raises StoreError when the file
+    cannot be used; that is not cached, so once the file is fixed the next page run opens it.
     """
     return _open_store(os.environ.get("TRADEOFF_LAB_DB"))
 
 
-@dataclass(frozen=True)
-class ImportOutcome:
-    """What importing one file did: runs added, duplicates skipped, or why nothing was imported."""
-
-    name: str
-    added: int = 0
-    skipped: int = 0
-    error: str | None = None
-
-    def message(self) -> str:
-        if self.error:
-            return f"{self.error} — nothing from {self.name} was imported."
-        return f"{self.name}: imported {self.added} run(s), skipped {self.skipped} already stored (same id)."
+def database_problem(path: str, exc: Exception) -> str:
+    """Which database file and what is wrong with it: a StoreError says both; a bare SQLite
+    error (damaged pages met by a query) gets the file's name."""
+    return str(exc) if isinstance(exc, StoreError) else f"{path}: the results database cannot be used ({exc})"
 
 
-def import_bundle(store: Store, name: str, data: bytes) -> ImportOutcome:
-    """Validate a whole bundle first, then add it: a bad file imports nothing from it."""
+@contextlib.contextmanager
+def database_errors_shown() -> Iterator[None]:
+    """Around a page: an unusable results database (not SQLite, damaged, unreadable or
+    read-only) ends the page with one message naming the file and the problem, below what the
+    page drew before it needed the database (the Run page's form), instead of a traceback."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return ImportOutcome(name, error=f"{name}: not UTF-8 text (byte {exc.start}), so not a results bundle")
-    try:
-        results = parse_results(text, name)
-    except ResultFormatError as exc:
-        return ImportOutcome(name, error=str(exc))
-    if not results:
-        return ImportOutcome(name, error=f"{name}: the file holds no results")
-    added, skipped = store.add_many(results)
-    return ImportOutcome(name, added, skipped)
+        yield
+    except (StoreError, sqlite3.Error) as exc:
+        st.error(ui.plain(database_problem(default_path(), exc)) + ". Stored runs cannot be shown or added until "
+                 "it is fixed: repair or move the file, or set TRADEOFF\\_LAB\\_DB to another one.")
 
 
 def load_demo(store: Store) -> list[ImportOutcome]:

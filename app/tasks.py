@@ -7,10 +7,13 @@ fragment that polls the task's ``state()``, shows its progress in words with a C
 button and reruns the whole page whenever a run of it is stored and when it ends.
 
 Each finished run is stored at once (one transaction per run) before the task reports it,
-so nothing the page shows as done is ever lost. No Streamlit call happens in the thread.
+so nothing the page shows as done is ever lost; a run the database refuses (full disk,
+damaged file) stops the task with why, and is still shown and offered as a file. No
+Streamlit call happens in the thread.
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -21,9 +24,9 @@ from engine import sweep, worker
 from engine.config import BenchConfig
 from engine.progress import Progress
 from engine.results import Result
-from engine.store import Store
+from engine.store import Store, StoreError
 
-from . import tables
+from . import exports, storage, tables, ui
 
 POLL_S = 0.5
 # work(progress, on_result, cancel) -> value: the engine call a task makes, with the callbacks
@@ -37,7 +40,8 @@ class TaskState:
 
     label: str
     configs: tuple[BenchConfig, ...]  # the runs it makes, in order, when known up front (else empty)
-    results: tuple[Result, ...]  # the runs stored so far
+    results: tuple[Result, ...]  # the runs finished so far, in order
+    unsaved: tuple[Result, ...]  # those of them the database refused (the last one: the task stops there)
     event: Progress  # the latest progress event
     done: bool
     cancelling: bool
@@ -79,11 +83,15 @@ class Task:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._results: list[Result] = []
+        self._unsaved: list[Result] = []
         self._event = Progress("starting")
         self._done = False
         self._error: str | None = None
         self._value = None
         self._version = 0
+        # Before anything is measured: a damaged or read-only database fails the start, with
+        # why, instead of losing the first result.
+        store.check_writable()
         threading.Thread(target=self._run, args=(work,), name="tradeoff-lab-task", daemon=True).start()
 
     def cancel(self) -> None:
@@ -93,15 +101,23 @@ class Task:
     def state(self) -> TaskState:
         """A consistent copy of the task's state."""
         with self._lock:
-            return TaskState(self._label, self._configs, tuple(self._results), self._event, self._done,
-                             self._cancel.is_set(), self._error, self._value, self._version)
+            return TaskState(self._label, self._configs, tuple(self._results), tuple(self._unsaved), self._event,
+                             self._done, self._cancel.is_set(), self._error, self._value, self._version)
 
     def _on_progress(self, event: Progress) -> None:
         with self._lock:
             self._event = event
 
     def _on_result(self, result: Result) -> None:
-        self._store.add(result)  # stored before it is shown: what the page says is done is on disk
+        try:
+            self._store.add(result)  # stored before it is shown: what the page says is done is on disk
+        except (StoreError, sqlite3.Error):
+            # Shown and offered as a file instead; raised on, so the engine stops (every
+            # later run would be refused the same way) and _run says why.
+            with self._lock:
+                self._results.append(result)
+                self._unsaved.append(result)
+            raise
         with self._lock:
             self._results.append(result)
             self._event = Progress("starting")
@@ -113,8 +129,10 @@ class Task:
             value = work(self._on_progress, self._on_result, self._cancel)
             if isinstance(value, worker.Outcome):
                 value, error = value.value, None if value.ok else f"{value.status.upper()}: {value.error}"
+        except (StoreError, sqlite3.Error) as exc:
+            error = f"{self._label} stopped: {storage.database_problem(self._store.path, exc)}"
         except Exception as exc:  # noqa: BLE001 - the engine returns failures as results; anything
-            # raised here (a full disk, a bug) must reach the page instead of dying with the thread.
+            # else raised here (a bug) must reach the page instead of dying with the thread.
             error = f"{self._label} failed unexpectedly: {type(exc).__name__}: {exc}"
         with self._lock:
             self._value, self._error, self._done = value, error, True
@@ -164,7 +182,7 @@ def follow(key: str) -> TaskState | None:
         if now.version != st.session_state[seen]:
             st.rerun()  # a run was stored or the task ended: redraw the page with it
         if not now.done:
-            st.progress(now.fraction(), text=now.describe())
+            st.progress(now.fraction(), text=ui.plain(now.describe()))
             if st.button("Cancel", key=f"{key}.cancel", disabled=now.cancelling):
                 task.cancel()
                 st.rerun(scope="fragment")
@@ -176,5 +194,9 @@ def follow(key: str) -> TaskState | None:
 
     follower()
     if state.error:
-        st.error(state.error)
+        st.error(ui.plain(state.error))
+    if state.unsaved:
+        st.download_button(f"Download the {len(state.unsaved)} run(s) the database did not store",
+                           exports.bundle_bytes(list(state.unsaved)), file_name="tradeoff-lab-unsaved-runs.jsonl",
+                           mime="application/jsonl", on_click="ignore", icon=":material/download:", key=f"{key}.unsaved")
     return state

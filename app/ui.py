@@ -3,7 +3,9 @@ plain-text messages."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -19,8 +21,15 @@ _PRESENTATION_CSS = """<style>
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 3.4rem; }
 h1 { font-size: 3.2rem !important; } h2 { font-size: 2.4rem !important; } h3 { font-size: 1.9rem !important; }
 </style>"""
-# Every character Markdown (and Streamlit's :color[...] / :icon: directives) gives a meaning.
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$])")
+# Every character Markdown (and Streamlit's :color[...] / :icon: directives, LaTeX, HTML
+# entities, setext headings) gives a meaning.
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&=^])")
+# GitHub-flavoured Markdown also links bare addresses (https://..., www...., name@host.tld),
+# and it finds them in the text after escapes are undone, so no escape stops it. Each needs a
+# dot in its host: a word joiner (U+2060, invisible) before every dot of a text holding one
+# leaves nothing to link.
+_AUTOLINK = re.compile(r"https?:|www\.|@", re.IGNORECASE)
+_WORD_JOINER = "\u2060"
 
 
 def presenting() -> bool:
@@ -34,10 +43,14 @@ def apply_presentation_css() -> None:
         st.html(_PRESENTATION_CSS)
 
 
-def plain(text: str) -> str:
-    """``text`` escaped so that Streamlit's Markdown shows it as written: for messages that
-    quote what a user or a link typed (a link could otherwise draw images or links)."""
-    return _MARKDOWN.sub(r"\\\1", text)
+def plain(text) -> str:
+    """``text`` (or ``str(text)``) for Streamlit's Markdown, shown as written: every string
+    that came from a file, a link, a model or this machine (device names, errors, warnings,
+    file names, quoted values) goes through here, so none can draw an image, a link or
+    formatting, or make the browser fetch anything."""
+    text = str(text)
+    escaped = _MARKDOWN.sub(r"\\\1", text)
+    return escaped.replace("\\.", _WORD_JOINER + "\\.") if _AUTOLINK.search(text) else escaped
 
 
 def show_chart(fig: go.Figure, key: str) -> None:
@@ -57,20 +70,22 @@ def environment_note(results: list[Result]) -> None:
     read as a laptop run (or the other way round)."""
     devices = sorted({r.env.label for r in results})
     if len(devices) > 1:
-        st.warning(f"These runs come from {len(devices)} different devices: {', '.join(devices)}. "
+        st.warning(f"These runs come from {len(devices)} different devices: {plain(', '.join(devices))}. "
                    "Bars are coloured by device; compare like with like.")
     else:
-        st.caption(f"Measured on: {devices[0]}" if devices else "")
+        st.caption(f"Measured on: {plain(devices[0])}" if devices else "")
 
 
 def failed_runs_note(results: list[Result]) -> None:
-    """List failed runs with their status and error; the charts mark them but cannot say why."""
+    """List failed runs with their status and error; the charts mark them but cannot say why.
+    One table however many failed (a sweep may hold hundreds of OOMs), its cells plain text."""
     failed = [r for r in results if not r.ok]
     if not failed:
         return
     labels = dict(zip((r.id for r in results), run_labels(results)))
-    with st.expander(f"{len(failed)} run(s) did not finish: " + ", ".join(
-            f"{labels[r.id]} ({r.status.upper()})" for r in failed)):
-        for result in failed:
-            st.markdown(f"**{labels[result.id]}** · {result.status.upper()} · {result.env.label}")
-            st.code(result.error or "(no message)", language=None, wrap_lines=True)
+    statuses = Counter(r.status.upper() for r in failed)
+    with st.expander(f"{len(failed)} run(s) did not finish: "
+                     + ", ".join(f"{count} {status}" for status, count in statuses.most_common())):
+        st.dataframe(pd.DataFrame([{"run": labels[r.id], "status": r.status.upper(), "device": r.env.label,
+                                    "error": r.error or "(no message)"} for r in failed]),
+                     hide_index=True, column_config={"error": st.column_config.TextColumn(width="large")})

@@ -344,14 +344,20 @@ def selective_checkpoint_available() -> bool:
     return hasattr(ckpt, "create_selective_checkpoint_contexts")
 
 
-def check_runnable(config: BenchConfig) -> None:
-    """The checks that need this machine, called just before a run: the device is present,
-    a memory cap fits it, the torch has the checkpointing policy, and a user model imports
-    and honours the contract (built on the meta device, so it allocates nothing).
+def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
+    """The checks that need this machine, called just before a run: the config is within
+    this server's limits (``engine.limits``), the device is present, a memory cap fits it,
+    the torch has the checkpointing policy, a user model imports and honours the contract
+    (built on the meta device, so it allocates nothing), and, unless ``check_memory`` is
+    False (the CLI's ``--force``; the batch finder, whose trials must meet their real OOM),
+    its analytic peak memory is not several times what the device has.
 
-    Raises ConfigError naming the field, as value checks do. A preset on the CPU needs no
-    torch here.
+    Raises ConfigError naming the field, as value checks do. Limits apply here, where a run
+    is requested, never to reading stored results.
     """
+    from . import limits  # imports this module: loaded on first use
+
+    limits.check_limits(config)
     _check_device_present(config.device)
     if config.ckpt == "selective" and not selective_checkpoint_available():
         raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
@@ -361,6 +367,8 @@ def check_runnable(config: BenchConfig) -> None:
             raise ConfigError("memory_cap_gib", config.memory_cap_gib, f"at most the device's {capacity / GIB:.1f} GiB")
     if presets.is_user_model(config.model):
         _check_user_model(config.model)
+    if check_memory:
+        limits.check_memory(config)
 
 
 def device_memory_limit(config: BenchConfig) -> float | None:

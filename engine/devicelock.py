@@ -11,6 +11,11 @@ The live ticket with the smallest number runs. A ticket whose ``flock`` can be t
 someone else belongs to a process that died (the kernel drops flocks on exit), so it is
 removed and never blocks the queue. ``flock`` locks belong to an open file description,
 which makes them exclusive between threads of one process as well as between processes.
+
+That same property keeps a device held while *any* process has the ticket's file open:
+``device_queue`` yields the ticket's file descriptor, and the worker passes a copy of it to
+the process that measures. If the caller is killed mid-run, its copy closes but the
+worker's keeps the lock, so the next run waits until the orphaned worker is gone too.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import time
 from typing import Callable, Iterator
 
 POLL_S = 0.05
-_held = threading.local()  # devices the current thread holds, for re-entrant use
+_held = threading.local()  # devices the current thread holds (key -> ticket fd), for re-entrant use
 
 
 def lock_dir() -> str:
@@ -111,19 +116,20 @@ class _Queue:
 
 
 @contextlib.contextmanager
-def device_queue(device: str, on_wait: Callable[[int], None] | None = None) -> Iterator[None]:
-    """Hold ``device`` exclusively for the ``with`` body, waiting in arrival order.
+def device_queue(device: str, on_wait: Callable[[int], None] | None = None) -> Iterator[int]:
+    """Hold ``device`` exclusively for the ``with`` body, waiting in arrival order; yields
+    the ticket's file descriptor (whoever holds a copy of it holds the device).
 
     While waiting, ``on_wait(position)`` is called about every 50 ms (position 1 = next);
     an exception raised by it abandons the wait and propagates (how callers cancel).
     Re-entrant: a thread that already holds ``device`` enters immediately.
     """
     key = _device_key(device)
-    held = getattr(_held, "keys", None)
+    held = getattr(_held, "tickets", None)
     if held is None:
-        held = _held.keys = set()
+        held = _held.tickets = {}
     if key in held:
-        yield
+        yield held[key]
         return
     directory = lock_dir()
     os.makedirs(directory, exist_ok=True)
@@ -134,10 +140,10 @@ def device_queue(device: str, on_wait: Callable[[int], None] | None = None) -> I
             if on_wait is not None:
                 on_wait(ahead)
             time.sleep(POLL_S)
-        held.add(key)
+        held[key] = fd
         try:
-            yield
+            yield fd
         finally:
-            held.discard(key)
+            del held[key]
     finally:
         queue.release(fd, path)

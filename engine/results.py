@@ -12,10 +12,13 @@ Files written by earlier v1 builds keep reading: metric keys added since (``grad
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import tempfile
 import typing
 import uuid
 from dataclasses import dataclass, field
@@ -454,16 +457,28 @@ def _load_one(text: str, where: str):
         raise ResultFormatError(f"{where}: not valid JSON ({exc})") from None
 
 
-def parse_results(text: str, source: str) -> list[Result]:
+class ResultList(list):
+    """Results read from a file (a plain list of ``Result``), with ``notes``: sentences about
+    what the reader skipped (a torn last line), for the caller to show as warnings."""
+
+    def __init__(self, results: Iterable[Result] = (), notes: Iterable[str] = ()):
+        super().__init__(results)
+        self.notes: tuple[str, ...] = tuple(notes)
+
+
+def parse_results(text: str, source: str) -> ResultList:
     """Results from JSON Lines text (also one JSON object or a JSON list); validated.
 
     Raises ResultFormatError naming ``source`` (and the line for JSON Lines) and the problem.
     Lines are split on "\\n" only: a JSON string may hold U+2028, which ``splitlines`` would
-    take for a line break.
+    take for a line break. A last line without its newline that starts an object but is
+    not valid JSON is a write cut short (a full disk, a killed writer): it is skipped with a
+    note in ``notes``, so one torn line does not make the file unreadable. A bad line
+    anywhere else is an error.
     """
     stripped = text.strip()
     if not stripped:
-        return []
+        return ResultList()
     if stripped[0] == "[" or (stripped[0] == "{" and "\n" in stripped):
         # A whole-document JSON value: a list, or one pretty-printed object. (A one-line
         # object is read as JSON Lines below, so its errors name line 1.)
@@ -472,30 +487,64 @@ def parse_results(text: str, source: str) -> list[Result]:
         except (ValueError, RecursionError):
             whole = None  # not one document: fall through to JSON Lines
         if isinstance(whole, list):
-            return [Result.from_dict(item, f"{source}: item {i + 1}") for i, item in enumerate(whole)]
+            return ResultList(Result.from_dict(item, f"{source}: item {i + 1}") for i, item in enumerate(whole))
         if whole is not None:
-            return [Result.from_dict(whole, source)]
+            return ResultList([Result.from_dict(whole, source)])
+    lines = text.split("\n")
+    notes = []
+    if lines[-1].strip() and _is_torn(lines[-1]):
+        notes.append(f"{source}: line {len(lines)} was cut short (no newline, not complete JSON: "
+                     f"a write that did not finish) and was skipped")
+        lines.pop()
     results = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{source}: line {number}"
         results.append(Result.from_dict(_load_one(line, where), where))
-    return results
+    return ResultList(results, notes)
 
 
-def read_results(path: str | os.PathLike) -> list[Result]:
+def _is_torn(last_line: str) -> bool:
+    """Whether the text after a file's last newline is an unfinished result line: it starts
+    like one (every result line is an object) but is not complete JSON."""
+    if not last_line.lstrip().startswith("{"):
+        return False
+    try:
+        _loads(last_line)
+    except json.JSONDecodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False  # complete, but not a result: an error for the caller to report
+    return False
+
+
+# SQLite database files start with this header; a results reader says so instead of
+# reporting binary garbage.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def decode_results(data: bytes, source: str) -> ResultList:
+    """Validated results from the bytes of a results file (JSON Lines, a JSON object or list)
+    named ``source``; ResultFormatError naming it for anything else (a SQLite database,
+    non-UTF-8 bytes, invalid content)."""
+    if data.startswith(SQLITE_MAGIC):
+        raise ResultFormatError(f"{source}: a SQLite database of runs, not a results file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ResultFormatError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    return parse_results(text, source)
+
+
+def read_results(path: str | os.PathLike) -> ResultList:
     """Validated results from a JSON Lines file (or a JSON object/list file).
 
     Raises ResultFormatError for content problems and OSError if the file cannot be read.
     """
     with open(path, "rb") as f:
         raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ResultFormatError(f"{os.fspath(path)}: not UTF-8 text (byte {exc.start})") from None
-    return parse_results(text, os.fspath(path))
+    return decode_results(raw, os.fspath(path))
 
 
 def dumps_jsonl(results: Iterable[Result]) -> str:
@@ -503,11 +552,74 @@ def dumps_jsonl(results: Iterable[Result]) -> str:
     return "".join(result.to_json() + "\n" for result in results)
 
 
-def write_jsonl(path: str | os.PathLike, results: Iterable[Result], append: bool = True) -> None:
-    """Write results as JSON Lines (appending by default); creates the parent directory."""
-    text = dumps_jsonl(results)
-    parent = os.path.dirname(os.fspath(path))
+def write_jsonl(path: str | os.PathLike, results: Iterable[Result], append: bool = True) -> str | None:
+    """Write results as JSON Lines (appending by default); creates the parent directory.
+
+    Never leaves a half-written line: a new file is written to a temporary file and renamed
+    into place; an append is one ``write`` of whole lines, and if the disk fills part-way
+    the file is cut back to its previous size before the error propagates. Appending to a
+    file whose last line is torn (an earlier write cut short) first drops that fragment, so
+    the new lines start on a line of their own; the returned note says so (else None).
+    Raises OSError naming ``path`` when the file cannot be written.
+    """
+    data = dumps_jsonl(results).encode("utf-8")
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        f.write(text)
+    if not append:
+        _replace_atomically(path, data)
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        note = _drop_torn_tail(fd, path)
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # take back a partial line: the file stays readable
+            raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+    return note
+
+
+def _drop_torn_tail(fd: int, path: str) -> str | None:
+    """Cut a torn last line (no newline, an unfinished object) off the file open at ``fd``;
+    any other last line that only lacks its newline gets one. Returns a note, or None."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return None
+    end = size  # find the start of the last line, reading backwards in blocks
+    while end > 0:
+        begin = max(0, end - 65536)
+        newline = os.pread(fd, end - begin, begin).rfind(b"\n")
+        if newline >= 0:
+            end = begin + newline + 1
+            break
+        end = begin
+    tail = os.pread(fd, size - end, end).decode("utf-8", errors="replace")
+    if not _is_torn(tail):
+        os.write(fd, b"\n")
+        return None
+    os.ftruncate(fd, end)
+    return f"{path}: dropped a torn last line ({size - end} bytes of a write that did not finish) before appending"
+
+
+def _replace_atomically(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, renamed into place."""
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise

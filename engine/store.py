@@ -11,9 +11,10 @@ import contextlib
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .results import Result, ResultFormatError
+from .results import Result, ResultFormatError, decode_results
 
 DEFAULT_PATH = os.path.join("data", "runs.sqlite")
 DB_VERSION = 1
@@ -36,7 +37,8 @@ CREATE INDEX IF NOT EXISTS runs_sweep_id ON runs (sweep_id, created_at);
 
 
 class StoreError(RuntimeError):
-    """The database file cannot be used (not SQLite, newer format, unwritable); names the path."""
+    """The database file cannot be used (not SQLite, damaged, newer format, unwritable, its
+    disk full); names the path and why."""
 
 
 def _decode_row(row_id: str, text: str) -> Result | tuple[str, str]:
@@ -56,28 +58,56 @@ class Store:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = os.fspath(path) if path is not None else default_path()
+        if not self.path:
+            raise StoreError("the results database path is empty; give a file, e.g. data/runs.sqlite")
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
-            with self._connect() as conn:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > DB_VERSION:
-                    raise StoreError(f"{self.path}: database format {version} is newer than this version reads ({DB_VERSION})")
-                # WAL is a property of the database file: set once, every later connection uses it.
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot open the results database ({exc.strerror or exc})") from None
+        with self._connect("cannot open the results database") as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > DB_VERSION:
+                raise StoreError(f"{self.path}: database format {version} is newer than this version reads ({DB_VERSION})")
+            if version < DB_VERSION:
+                # A new file: set it up once. Opening an existing store writes nothing, so a
+                # full disk fails when a run is stored, never when runs are listed.
+                # WAL is a property of the database file: every later connection uses it.
                 conn.execute("PRAGMA journal_mode=WAL")
                 with conn:
                     conn.executescript(_SCHEMA_SQL)
                     conn.execute(f"PRAGMA user_version = {DB_VERSION}")
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{self.path}: cannot open the results database ({exc})") from None
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+    def _connect(self, doing: str = "cannot read the results database") -> Iterator[sqlite3.Connection]:
+        """A short-lived connection; any SQLite failure (damaged pages, a full disk, a
+        read-only file) becomes a StoreError that names the file, what failed and why."""
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {doing} ({exc})") from None
         try:
             yield conn
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {doing} ({exc})") from None
         finally:
             conn.close()
+
+    def check_writable(self) -> None:
+        """Raise StoreError unless the database can take a run now: SQLite's quick_check
+        passes (a damaged file fails before anything is measured, not after) and a write
+        transaction can start and write (the file and its directory are writable)."""
+        with self._connect("cannot check the results database") as conn:
+            problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise StoreError(f"{self.path}: the results database is damaged (SQLite quick_check: {problem})")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # A write of what is already there, rolled back: SQLite refuses it on a
+                # read-only file before touching anything.
+                conn.execute(f"PRAGMA user_version = {DB_VERSION}")
+            finally:
+                conn.rollback()
 
     @staticmethod
     def _row(result: Result) -> tuple:
@@ -91,9 +121,12 @@ class Store:
     def add_many(self, results: Iterable[Result]) -> tuple[int, int]:
         """Store results in one transaction; returns (added, skipped_duplicates)."""
         rows = [self._row(result) for result in results]
-        with self._connect() as conn, conn:
+        with self._connect("cannot store the run(s)") as conn, conn:
             before = conn.total_changes
-            conn.executemany("INSERT OR IGNORE INTO runs (id, created_at, status, model, sweep_id, json) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            # Only a duplicate id is skipped; any other constraint failure is an error, never
+            # counted as "already stored".
+            conn.executemany("INSERT INTO runs (id, created_at, status, model, sweep_id, json) VALUES (?, ?, ?, ?, ?, ?) "
+                             "ON CONFLICT (id) DO NOTHING", rows)
             added = conn.total_changes - before
         return added, len(rows) - added
 
@@ -149,7 +182,7 @@ class Store:
     def delete(self, ids: Iterable[str]) -> int:
         """Delete results by id in one transaction; returns how many were deleted."""
         ids = list(ids)
-        with self._connect() as conn, conn:
+        with self._connect("cannot delete from the results database") as conn, conn:
             cursor = conn.execute("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))
         return cursor.rowcount
 
@@ -157,3 +190,44 @@ class Store:
         """Number of stored results."""
         with self._connect() as conn:
             return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+# --------------------------------------------------------------------------- importing
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What importing one file did: runs added, duplicates skipped (same id), or why nothing
+    was imported (``error``); ``notes`` say what the reader skipped (a torn last line)."""
+
+    name: str
+    added: int = 0
+    skipped: int = 0
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether the file was accepted (possibly adding nothing new)."""
+        return self.error is None
+
+    def message(self) -> str:
+        """One sentence (plus the reader's notes) for a person."""
+        if self.error:
+            text = f"{self.error} — nothing from {self.name} was imported."
+        else:
+            text = f"{self.name}: imported {self.added} run(s), skipped {self.skipped} already stored (same id)."
+        return " ".join([text, *(f"Note: {note}." for note in self.notes)])
+
+
+def import_bundle(store: Store, name: str, data: bytes) -> ImportOutcome:
+    """Import the results file ``data`` (named ``name`` in messages) into ``store``: the whole
+    file is validated first (``decode_results``), so a bad file imports nothing; then every
+    result is added in one transaction. Raises StoreError only if the database cannot take
+    the write."""
+    try:
+        results = decode_results(data, name)
+    except ResultFormatError as exc:
+        return ImportOutcome(name, error=str(exc))
+    if not results:
+        return ImportOutcome(name, error=f"{name}: the file holds no results", notes=results.notes)
+    added, skipped = store.add_many(results)
+    return ImportOutcome(name, added, skipped, notes=results.notes)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import uuid
 from typing import Callable
 
+from . import limits
 from .config import FIELD_NAMES, BenchConfig, ConfigError
 from .progress import Progress, ProgressFn
 from .results import Result
@@ -21,7 +23,8 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
     ``overrides.<dim>`` for one model dimension) to a list of values. With
     ``effective_batch`` N, accum is N / batch for each batch and a batch that does not
     divide N is skipped with a note. Raises ConfigError for an unknown field, an empty
-    list, or any invalid resulting config.
+    list, a grid larger than this server's ``TRADEOFF_LAB_MAX_SWEEP`` (checked before any
+    config is built), or any invalid resulting config.
     """
     for name, values in grid.items():
         field = name[len(OVERRIDE_PREFIX):] if name.startswith(OVERRIDE_PREFIX) else name
@@ -34,6 +37,12 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
             raise ConfigError("effective_batch", effective_batch, "an integer >= 1")
         if "accum" in grid or "accum" in base:
             raise ConfigError("accum", grid.get("accum", base.get("accum")), "no accum with an effective batch (accum = effective batch / batch)")
+    # The size is the product of the list lengths, known before expanding: a grid of a
+    # million configs is refused without building one.
+    size, most = math.prod(len(values) for values in grid.values()), limits.max_sweep()
+    if size > most:
+        raise ConfigError("sweep", f"{size:,} configurations",
+                          f"at most {most:,} configurations on this server ({limits.MAX_SWEEP.variable})")
 
     configs: list[BenchConfig] = []
     notes: list[str] = []

@@ -12,16 +12,27 @@ an untouched process (``fresh=True``, e.g. the memory timeline) gets a new one.
 Every call first waits for its device in the machine-wide queue (``devicelock``), so two
 callers never measure one device at once.
 
+A worker never outlives its caller: a caller killed mid-run (kill -9, a closed terminal)
+must not leave a process computing on the device while the queue admits the next run,
+whose timings it would disturb. Three things see to that: on Linux the kernel kills the
+worker when its parent goes (``PR_SET_PDEATHSIG``); the worker ends itself when a progress
+message finds the pipe to its parent broken; and for the length of each call the worker
+holds a copy of the device-queue ticket's file descriptor, so the device stays locked until
+the worker too has exited (flock locks last while any copy of the open file is open).
+
 Protocol on the pipe (child -> parent): ("ready", pid) once, then per call any number of
 ("progress", Progress) and ("env", dict), and finally ("done", value) or ("failed",
-status, message). Parent -> child: (func, args) per call, or None to exit.
+status, message). Parent -> child: (func, args) per call followed by the ticket's file
+descriptor (SCM_RIGHTS, ``multiprocessing.reduction.send_handle``), or None to exit.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import platform
 import resource
@@ -37,10 +48,15 @@ from .config import GIB, BenchConfig
 from .devicelock import device_queue
 from .devices import resolve_device
 from .progress import Progress, ProgressFn
-from .results import Env, Result, classify_exception
+from .results import Result, classify_exception
 
 STARTUP_TIMEOUT_S = 120.0
 POLL_S = 0.05
+_ORPHAN_EXIT = 1  # exit code of a worker whose parent is gone (nobody reads it)
+# PR_SET_PDEATHSIG fires when the *thread* that started the child ends, not the process: a
+# Streamlit script thread ends after every rerun, which would kill the warm worker with it.
+# Workers are therefore started from this one thread, which lives as long as the process.
+_starter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tradeoff-lab-worker-starter")
 
 
 @dataclass(frozen=True)
@@ -58,18 +74,26 @@ class Outcome:
 
 
 class Channel:
-    """What a function running in the worker may tell its caller while it runs."""
+    """What a function running in the worker may tell its caller while it runs. If the
+    caller is gone (the pipe is broken), the worker process ends on the spot: nobody would
+    see the result, and it must not keep a device busy."""
 
     def __init__(self, conn):
         self._conn = conn
 
     def progress(self, event: Progress) -> None:
         """Forward a progress event to the caller."""
-        self._conn.send(("progress", event))
+        self._send(("progress", event))
 
     def env(self, env: dict) -> None:
         """The environment being measured, so a failure the child cannot report still names it."""
-        self._conn.send(("env", env))
+        self._send(("env", env))
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, ConnectionError, EOFError):
+            os._exit(_ORPHAN_EXIT)
 
 
 # ------------------------------------------------------------------------- child side
@@ -91,7 +115,20 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _child_main(conn) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent goes (Linux), and leave at once if
+    the parent is already gone. Elsewhere the broken pipe at the next progress step ends it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(_ORPHAN_EXIT)
+
+
+def _child_main(conn, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     # The parent decides when a call stops: Ctrl-C in a terminal reaches the whole process
     # group, and the parent then kills this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -113,12 +150,20 @@ def _child_main(conn) -> None:
         if message is None:
             return
         func, args = message
+        # This copy of the device ticket keeps the device locked while this call runs, even
+        # if the parent dies; it is closed (before replying) once the call is over.
+        try:
+            ticket = multiprocessing.reduction.recv_handle(conn)
+        except (EOFError, OSError):  # the parent died between the call and its ticket
+            return
         try:
             reply = ("done", func(*args, channel))
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = ("failed", *_error_message(exc))
+        finally:
+            os.close(ticket)
         del func, args
-        conn.send(reply)
+        channel._send(reply)
         del reply
         _release_memory()
 
@@ -211,6 +256,7 @@ class Worker:
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self._ready = False  # the process has said "ready" (it was started by a call or by start())
         self._lock = threading.Lock()
         self._envs: dict[str, dict] = {}  # per device, as last reported by a child
 
@@ -244,8 +290,8 @@ class Worker:
         try:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled before it started")
-            with device_queue(device, on_wait), self._lock:
-                return self._call_here(func, args, device, timeout_s, progress, cancel, fresh)
+            with device_queue(device, on_wait) as ticket, self._lock:
+                return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, ticket)
         except _Stop as stop:
             return Outcome(stop.status, error=stop.message)
 
@@ -261,13 +307,16 @@ class Worker:
         env = self._envs.get(device) or _fallback_env(device)
         return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
 
-    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh) -> Outcome:
+    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, ticket: int) -> Outcome:
         try:
             if fresh:
                 self._kill()
             if self._proc is None or not self._proc.is_alive():
-                self._start(cancel)
+                self._spawn()
+            if not self._ready:
+                self._await_ready(cancel)
             self._conn.send((func, args))
+            multiprocessing.reduction.send_handle(self._conn, ticket, self._proc.pid)
             deadline = time.monotonic() + timeout_s
             while True:
                 kind, *payload = self._next_message(deadline, cancel, timeout_s)
@@ -290,15 +339,28 @@ class Worker:
             self._kill()
             raise
 
-    def _start(self, cancel) -> None:
+    def start(self) -> None:
+        """Start the worker process now without waiting for it (it imports torch and the
+        engine, seconds), e.g. while the caller runs its own pre-run checks; the next call
+        waits until it is ready. Nothing touches the device until a call holds it."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._spawn()
+
+    def _spawn(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        self._proc = self._ctx.Process(target=_child_main, args=(child_conn,), name="tradeoff-lab-worker", daemon=True)
-        self._proc.start()
+        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, os.getpid()), name="tradeoff-lab-worker",
+                                       daemon=True)
+        _starter.submit(self._proc.start).result()
         child_conn.close()  # only the child holds its end, so its death reads as EOF here
         self._conn = parent_conn
+        self._ready = False
+
+    def _await_ready(self, cancel) -> None:
         kind, *_ = self._next_message(time.monotonic() + STARTUP_TIMEOUT_S, cancel, STARTUP_TIMEOUT_S)
         if kind != "ready":
             raise _Stop("error", f"worker failed to start (sent {kind!r})")
+        self._ready = True
 
     def _next_message(self, deadline: float, cancel, timeout_s: float) -> tuple:
         while True:
@@ -338,6 +400,7 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+        self._ready = False
 
     def close(self) -> None:
         """Stop the worker process (politely, then by force)."""

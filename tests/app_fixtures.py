@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Callable
 
@@ -42,6 +43,67 @@ def open_app(page: str | None = None, query: dict | None = None) -> AppTest:
     return at
 
 
+def shown(markdown: str) -> str:
+    """The text a Markdown element shows for text that went through ``ui.plain``: its
+    backslash escapes undone and its invisible word joiners dropped."""
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")
+
+
+def _elements(at: AppTest):
+    """Every element and block of the page, main area and sidebar, depth first."""
+    stack = [at.main, at.sidebar]
+    while stack:
+        node = stack.pop()
+        yield node
+        children = getattr(node, "children", None)
+        if isinstance(children, dict):
+            stack.extend(reversed(children.values()))
+
+
+# Elements whose body Streamlit renders as Markdown (metric values too); every element's
+# label and tooltip are Markdown as well, and so is a progress bar's text.
+_MARKDOWN_BODIES = {"markdown", "caption", "title", "header", "subheader", "error", "warning", "info", "success",
+                    "metric"}
+
+
+def markdown_texts(at: AppTest) -> list[str]:
+    """Every string the page hands Streamlit's Markdown renderer (not code blocks, dataframe
+    cells, option lists or charts, which are shown as plain text)."""
+    texts = []
+    for node in _elements(at):
+        texts += [value for value in (getattr(node, "label", None), getattr(node, "help", None)) if isinstance(value, str)]
+        if getattr(node, "type", None) in _MARKDOWN_BODIES and isinstance(node.value, str):
+            texts.append(node.value)
+        if getattr(node, "type", None) == "progress":
+            texts.append(node.proto.text)
+    return texts
+
+
+def assert_plain_markdown(at: AppTest) -> None:
+    """No Markdown the page renders can draw an image or a link: no image or link syntax, no
+    raw HTML tag, and no bare address GitHub-flavoured Markdown would link (it matches the
+    text with escapes undone, so only the invisible word joiners of ``ui.plain`` stop it)."""
+    for text in markdown_texts(at):
+        unescaped = re.sub(r"\\(.)", r"\1", text)
+        assert "![" not in text and "](" not in text and not re.search(r"(?<!\\)<[a-z]", text), text
+        assert not re.search(r"(https?://|www\.)[-\w]+\.\w|\w@[-\w]+\.\w", unescaped, re.IGNORECASE), text
+
+
+def chart_strings(at: AppTest) -> list[str]:
+    """Every string of every plotly figure on the page (names, labels, hover text, titles)."""
+    def leaves(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from leaves(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from leaves(item)
+
+    return [text for chart in at.get("plotly_chart") for text in leaves(json.loads(chart.proto.spec))]
+
+
 def chart_titles(at: AppTest) -> list[str]:
     """Titles of the plotly charts on the page, in order."""
     return [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in at.get("plotly_chart")]
@@ -51,6 +113,12 @@ def chart(at: AppTest, title: str) -> dict:
     """The figure dict of the chart with this title."""
     [figure] = [f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart")) if f["layout"]["title"]["text"] == title]
     return figure
+
+
+def upload(at: AppTest, *files: tuple[str, bytes]) -> AppTest:
+    """Put (name, bytes) files into the Results page's import widget and rerun."""
+    at.file_uploader(key="results.upload").set_value([(name, data, "application/jsonl") for name, data in files])
+    return at.run()
 
 
 def click(at: AppTest, label: str) -> AppTest:
@@ -92,4 +160,6 @@ def tiny_settings(at: AppTest, steps: int = 2, **fields) -> AppTest:
     for name, value in {"warmup": 1, "steps": steps, **fields}.items():
         at.number_input(key=f"config.{name}").set_value(value)
     at.selectbox(key="config.device").set_value("cpu")
-    return at.run()
+    at.run()
+    assert not at.error, [e.value for e in at.error]  # e.g. a value above the server's limits: nothing would run
+    return at

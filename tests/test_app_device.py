@@ -1,7 +1,7 @@
 """Device page: a plain notice and the CPU without a GPU; live GPU numbers when NVML has some."""
 from engine import devices, nvml
 from engine.config import GIB
-from tests.app_fixtures import app_db, open_app  # noqa: F401 - app_db is a fixture
+from tests.app_fixtures import app_db, open_app, shown  # noqa: F401 - app_db is a fixture
 
 
 def test_without_a_gpu_the_page_says_so_and_names_the_cpu(app_db, monkeypatch):
@@ -24,5 +24,5 @@ def test_gpus_are_listed_with_memory_utilisation_temperature_and_power(app_db, m
     assert at.subheader[0].value == "GPU 0: NVIDIA H100 80GB HBM3"
     assert [m.value for m in at.metric] == ["20.0 / 80.0 GiB", "97 %", "61 °C", "612 W"]
     assert at.get("progress")[0].value == 25
-    assert "Driver 570.86 · CUDA 12.8" in [c.value for c in at.caption]
-    assert "Runs with device auto use cuda." in at.caption[-1].value
+    assert "Driver 570.86 · CUDA 12.8" in [shown(c.value) for c in at.caption]
+    assert "Runs with device auto use cuda." in shown(at.caption[-1].value)

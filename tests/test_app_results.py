@@ -1,24 +1,22 @@
 """Results page: the table, import (good, corrupt, wrong version, duplicates), demo data, exports."""
+import csv
+import dataclasses
 import html as html_text
+import io
 import json
 import re
 import sqlite3
 
 from app import exports, storage
 from engine.results import dumps_jsonl, parse_results
-from tests.app_fixtures import app_db, click, make_sweep, open_app  # noqa: F401 - app_db is a fixture
-
-JSONL = "application/jsonl"
-
-
-def upload(at, *files):
-    """Put (name, bytes) files into the import widget and rerun."""
-    at.file_uploader(key="results.upload").set_value([(name, data, JSONL) for name, data in files])
-    return at.run()
+from tests.app_fixtures import (CPU_ENV, app_db, click, make_result, make_sweep, open_app, shown,  # noqa: F401
+                                upload)
+from tests.hostile import HTML_IMAGE, MARKDOWN_IMAGE, payload_results, torn
 
 
 def messages(at) -> tuple[list[str], list[str]]:
-    return [s.value for s in at.success], [e.value for e in at.error]
+    """The text the page's success and error messages show."""
+    return [shown(s.value) for s in at.success], [shown(e.value) for e in at.error]
 
 
 def test_results_page_lists_runs_with_status_and_key_metrics(app_db):
@@ -102,3 +100,35 @@ def test_unreadable_stored_runs_are_named_and_can_be_deleted(app_db):
     click(at, "Delete the unreadable runs")
     assert app_db.count() == 1 and not app_db.unreadable()
     assert not [e for e in at.expander if "cannot be read" in e.label]
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_text():
+    formulas = ['=HYPERLINK("https://example.invalid","click")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+                "\tx", "\rx"]
+    results = [make_result("error", batch=2, env=dataclasses.replace(CPU_ENV, device_name=formula)).replace(error=formula)
+               for formula in formulas] + [make_result(batch=2, model="@evil:build")]
+    rows = list(csv.DictReader(io.StringIO(exports.csv_bytes(results).decode(), newline="")))
+    assert [row["error"] for row in rows[:-1]] == ["'" + f for f in formulas]
+    assert [row["device"] for row in rows[:-1]] == ["'" + f for f in formulas]
+    assert rows[-1]["model"] == "'@evil:build" and rows[-1]["status"] == "ok"
+    assert float(rows[-1]["samples/s"]) == results[-1].metrics.samples_per_s  # numbers stay numbers
+    assert exports.spreadsheet_text(-1.5) == -1.5 and exports.spreadsheet_text("ok") == "ok"
+
+
+def test_the_report_shows_text_from_runs_as_text():
+    results = payload_results()
+    html = exports.report_html(results)
+    outside_scripts = re.sub(r"<script.*?</script>", "", html, flags=re.S)
+    # Only the report's own markup: no image, link, or anything else that loads or navigates.
+    assert not re.search(r"<(img|a|iframe|link|object|embed)\b", outside_scripts, re.I)
+    assert html_text.escape(HTML_IMAGE, quote=False) in outside_scripts and MARKDOWN_IMAGE in outside_scripts
+    # Inside the charts (plotly draws <a href> and friends from text), escaped too.
+    figures = str([fig.to_dict() for fig in exports.report_figures(results)])
+    assert "<img" not in figures and "&lt;img" in figures
+
+
+def test_a_torn_last_line_is_skipped_with_a_note_and_the_rest_imports(app_db):
+    at = upload(open_app("views/results.py"), ("torn.jsonl", torn(make_sweep(batches=(1, 2), precisions=("fp32",)))))
+    [message] = messages(at)[0]
+    assert message.startswith("torn.jsonl: imported 2 run(s)") and "line 3 was cut short" in message
+    assert app_db.count() == 2

@@ -4,16 +4,16 @@ import pytest
 
 from app import form, params
 from app.params import parse_query_params, to_query_params
-from engine import devicelock, models, presets
+from engine import devicelock, limits, models, presets
 from engine.config import FIELD_NAMES, SCALAR_FIELDS, BenchConfig
-from tests.app_fixtures import (TINY_DIMS, app_db, chart_titles, click, finished, open_app, task,  # noqa: F401
-                                tiny_settings, wait_until)
+from tests.app_fixtures import (TINY_DIMS, app_db, chart_titles, click, finished, open_app, shown,  # noqa: F401
+                                task, tiny_settings, wait_until)
 
 TASK = "run.task"
 
 
 def progress_texts(at) -> list[str]:
-    return [p.text for p in at.get("progress")]
+    return [shown(p.text) for p in at.get("progress")]
 
 
 def sidebar_keys(at) -> list[str]:
@@ -66,7 +66,7 @@ def test_an_invalid_sweep_value_is_an_error_not_a_crash(app_db):
     at.multiselect(key="run.sweep.fields").set_value(["batch"]).run()
     at.text_input(key="run.sweep.batch").set_value("1,two").run()
     assert not at.exception
-    assert "batch" in at.error[0].value and "comma-separated values, each an integer >= 1" in at.error[0].value
+    assert "batch" in at.error[0].value and "comma-separated values, each an integer >= 1" in shown(at.error[0].value)
     assert [b for b in at.button if b.label == "Run benchmark"][0].disabled
 
 
@@ -103,10 +103,10 @@ def test_invalid_query_parameters_fall_back_to_defaults_with_a_warning(app_db, m
                          "steps": "0", "device": "cuda:7", "seq_len": "many", "width": "3"})
     assert not at.exception and not at.error
     warnings = " ".join(w.value for w in at.warning)
-    for name in ("model", "batch", "accum", "precision", "steps", "device", "seq\\_len", "width"):
-        assert f"Link parameter {name}=" in warnings
+    for name in ("model", "batch", "accum", "precision", "steps", "device", "seq_len", "width"):
+        assert f"Link parameter {name}=" in shown(warnings)
     # What the link said and what is allowed, as plain text (a link cannot inject Markdown).
-    assert "precision='fp8' ignored \\(allowed\\: fp32, fp16, bf16\\)" in warnings
+    assert "precision\\='fp8' ignored \\(allowed\\: fp32, fp16, bf16\\)" in warnings
     assert at.selectbox(key="config.model").value == "gpt-tiny" and at.number_input(key="config.batch").value == 8
     assert at.selectbox(key="config.precision").value == "fp32"
     assert at.selectbox(key="config.ckpt").value == "full"  # the valid one is kept
@@ -174,7 +174,8 @@ def test_a_user_model_field_only_when_the_setting_allows_it(app_db, monkeypatch,
     assert ("Your model (module:function)" in labels) is allowed
 
 
-def test_cancel_stops_a_running_benchmark_and_records_it(app_db):
+def test_cancel_stops_a_running_benchmark_and_records_it(app_db, monkeypatch):
+    monkeypatch.setenv("TRADEOFF_LAB_MAX_STEPS", "100000")  # a benchmark that would run for minutes
     at = tiny_settings(open_app(), steps=100_000)
     click(at, "Run benchmark")
     wait_until(at, lambda at: task(at, TASK).event.phase in ("warmup", "measure"), what="the benchmark to start")
@@ -202,3 +203,53 @@ def test_the_presentation_toggle_is_in_the_sidebar(app_db):
     [toggle] = [t for t in at.sidebar.toggle if t.label == "Presentation mode"]
     toggle.set_value(True).run()
     assert at.session_state["presentation"] is True and not at.exception
+
+
+def test_a_link_cannot_ask_for_more_than_the_servers_limits(app_db, monkeypatch):
+    monkeypatch.setenv("TRADEOFF_LAB_MAX_STEPS", "500")
+    at = open_app(query={"batch": "100000000", "steps": "1000000000", "accum": str(10**15), "timeout_s": "1e12",
+                         "warmup": "2"})
+    assert not at.exception and not at.error
+    warnings = shown(" ".join(w.value for w in at.warning))
+    for name in ("batch", "steps", "accum", "timeout_s"):
+        assert f"Link parameter {name}=" in warnings
+    assert "TRADEOFF_LAB_MAX_STEPS" in warnings  # which setting bounds it
+    assert at.number_input(key="config.batch").value == 8 and at.number_input(key="config.steps").value == 10
+    assert at.number_input(key="config.warmup").value == 2  # a value within the limits is kept
+    # The form's inputs stop at the same limits.
+    assert at.number_input(key="config.steps").max == 500
+    assert at.number_input(key="config.batch").max == limits.limit_for("batch")
+    assert at.number_input(key="run.find.max").max == limits.limit_for("batch")  # the batch finder's too
+
+
+def test_a_sweep_larger_than_the_limit_is_refused_before_it_is_expanded(app_db):
+    at = open_app()
+    at.segmented_control(key="run.mode").set_value("Sweep").run()
+    at.multiselect(key="run.sweep.fields").set_value(["batch", "accum"]).run()
+    values = ",".join(str(v) for v in range(1, 1001))
+    at.text_input(key="run.sweep.batch").set_value(values)
+    at.text_input(key="run.sweep.accum").set_value(values).run()
+    assert not at.exception
+    [error] = [shown(e.value) for e in at.error]
+    assert "1,000,000 configurations" in error and "TRADEOFF_LAB_MAX_SWEEP" in error
+    assert [b for b in at.button if b.label == "Run benchmark"][0].disabled
+
+
+def test_a_sweep_value_above_the_limits_is_refused(app_db):
+    at = open_app()
+    at.segmented_control(key="run.mode").set_value("Sweep").run()
+    at.multiselect(key="run.sweep.fields").set_value(["batch"]).run()
+    at.text_input(key="run.sweep.batch").set_value("1").run()
+    at.number_input(key="run.sweep.effective_batch").set_value(10**6).run()  # accum = 1,000,000
+    [error] = [shown(e.value) for e in at.error]
+    assert error.startswith("Invalid setting: accum: invalid value 1000000") and "TRADEOFF_LAB_MAX_ACCUM" in error
+
+
+@pytest.mark.parametrize("setting, message", [("lots", "Invalid setting: TRADEOFF_LAB_MAX_BATCH: invalid value 'lots'"),
+                                              ("0", "Invalid setting: batch: invalid value 1; allowed: at most 0")])
+def test_a_broken_or_impossible_limit_setting_is_named_instead_of_a_traceback(app_db, monkeypatch, setting, message):
+    monkeypatch.setenv("TRADEOFF_LAB_MAX_BATCH", setting)
+    at = open_app()
+    assert not at.exception
+    [error] = [shown(e.value) for e in at.error]
+    assert error.startswith(message) and "TRADEOFF_LAB_MAX_BATCH" in error

@@ -1,4 +1,6 @@
-"""One real-browser test: `streamlit run app/main.py`, a shared link, "Run benchmark", three charts.
+"""Real-browser tests against one `streamlit run app/main.py` server: a shared link, "Run
+benchmark", three charts; and every page (and the HTML report) with hostile runs stored and a
+hostile link, making no request to another host and drawing no link to one.
 
 Drives Debian's chromium headless through Playwright for Python. Skipped where
 /usr/bin/chromium (or playwright) is missing, unless TRADEOFF_LAB_REQUIRE_BROWSER=1 (CI),
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -20,7 +23,8 @@ try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # reported by the test itself: skip, or fail where the browser is required
     sync_playwright = None
-from tests.app_fixtures import ROOT
+from tests.app_fixtures import ROOT, make_result
+from tests.hostile import MARKDOWN_IMAGE, MARKDOWN_LINK, payload_results
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -53,12 +57,15 @@ def browser_available() -> None:
     _need(sync_playwright is not None, "playwright is not installed (pip install playwright)")
 
 
-@pytest.fixture
-def server(tmp_path):
-    """The dashboard on a free localhost port with a temporary database; yields (url, db path)."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The dashboard on a free localhost port with a temporary database, shared by this
+    module's tests (a server start costs seconds); yields (url, db path)."""
+    tmp_path = tmp_path_factory.mktemp("server")
     port = _free_port()
     db = tmp_path / "runs.sqlite"
-    env = {**os.environ, "TRADEOFF_LAB_DB": str(db), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {**os.environ, "TRADEOFF_LAB_DB": str(db), "TRADEOFF_LAB_LOCK_DIR": str(tmp_path / "locks"),
+           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     log = open(tmp_path / "streamlit.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
@@ -104,6 +111,56 @@ def test_a_shared_link_runs_gpt_tiny_and_draws_the_three_charts(browser_availabl
             page.screenshot(path=os.path.join(OUTPUT_DIR, "run-page.png"), full_page=True)
         finally:
             browser.close()
-    [result] = Store(db).list()
+    # The server's database is this module's: the run is the one with the link's settings.
+    [result] = [r for r in Store(db).list() if r.config.steps == 2]
     assert result.status == "ok", result.error
-    assert result.config.batch == 2 and result.config.steps == 2
+    assert result.config.batch == 2 and result.config.model == "gpt-tiny"
+
+
+# Every address in the page's DOM that a click or a load would go to: HTML links and images,
+# and plotly's SVG links (xlink:href).
+_ADDRESSES_JS = """() => Array.from(document.querySelectorAll('a, img, image, script, link, iframe')).map(e =>
+    e.getAttribute('href') || e.getAttributeNS('http://www.w3.org/1999/xlink', 'href') || e.getAttribute('src') || '')"""
+# page (its navigation link) -> what shows it is drawn
+_PAGES = {"Compare": ".js-plotly-plot .gtitle", "Decide": '[role="tab"]', "Results": '[data-testid="stDataFrame"]',
+          "Device": 'h1:has-text("Device")'}
+
+
+def test_hostile_runs_and_links_make_no_request_to_another_host(browser_available, server):
+    """Runs whose device name, model, error and warnings carry Markdown images and links, HTML
+    tags and formulas, and a link whose precision is a Markdown link: every page shows them as
+    text, fetches nothing from another host and links to none. (The HTML report's markup is
+    checked without a browser, in test_app_results.py.)"""
+    url, db = server
+    Store(db).add_many([make_result(model=f"{MARKDOWN_IMAGE}:build"), *payload_results()])  # newest: a hostile OOM
+    foreign: list[str] = []
+
+    def only_this_server(route) -> None:
+        if urllib.parse.urlsplit(route.request.url).hostname in ("localhost", "127.0.0.1"):
+            route.continue_()
+        else:  # recorded, and never sent
+            foreign.append(route.request.url)
+            route.abort()
+
+    def addresses(page) -> list[str]:
+        return [a for a in page.evaluate(_ADDRESSES_JS) if "invalid" in a]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.route("**/*", only_this_server)
+            page.goto(f"{url}/?{urllib.parse.urlencode({'precision': MARKDOWN_LINK})}")
+            page.get_by_text("OOM:", exact=False).first.wait_for(timeout=START_TIMEOUT_S * 1000)
+            # The link's value and the run's error, as written (word joiners are invisible).
+            body = page.inner_text("body").replace("\u2060", "")
+            assert f"precision={MARKDOWN_LINK!r} ignored" in body and f"OOM: {MARKDOWN_IMAGE}" in body
+            assert not addresses(page), addresses(page)
+            for name, drawn in _PAGES.items():  # through the app's navigation, as a user moves on
+                page.get_by_role("link", name=name).click()
+                page.locator(drawn).first.wait_for(timeout=60_000)
+                page.wait_for_timeout(300)  # anything the drawn page would fetch has been asked for
+                assert not addresses(page), (name, addresses(page))
+        finally:
+            browser.close()
+    assert not foreign, foreign

@@ -21,8 +21,9 @@ def _failed(fig_dict: dict) -> dict:
 
 
 def _statuses(fig_dict: dict) -> list[tuple]:
-    """(x, status) written upright above each failed run of a per-run chart."""
-    return [(a["x"], a["text"]) for a in fig_dict["layout"].get("annotations", []) if a.get("textangle") == -90]
+    """(x, status) written above each failed run (the failed-runs trace's text)."""
+    failed = [t for t in fig_dict["data"] if t.get("name") == common.FAILED_NAME]
+    return [(x, text) for trace in failed for x, text in zip(trace["x"], trace["text"])]
 
 
 @pytest.mark.parametrize("build, title, unit", [
@@ -159,3 +160,32 @@ def test_one_layout_helper_places_title_legend_and_axes():
     assert layout["legend"] == common.LEGENDS["below"] and layout["margin"] == {"l": 50, "r": 50, "t": 60, "b": 40}
     assert layout["xaxis"]["title"]["text"] == "x" and layout["yaxis"]["title"]["text"] == "y"
     assert layout["barmode"] == "group"
+
+
+def test_failed_runs_are_one_trace_however_many_failed():
+    def sizes(failed: int) -> list[tuple[int, int]]:
+        results = [make_result("oom" if i < failed else "ok", sweep_id="s", batch=i + 1) for i in range(failed + 3)]
+        figures = [build(results) for build in charts.MAIN_CHARTS] + [
+            charts.build_phase_breakdown(results), charts.build_memory_breakdown(results),
+            charts.build_sweep_lines(results, "batch")]
+        return [(len(fig.data), len(fig.layout.annotations)) for fig in figures]
+
+    assert sizes(2) == sizes(300)
+    many = charts.build_throughput([make_result("timeout", batch=b) for b in range(1, 301)]).to_dict()
+    assert len(_failed(many)["x"]) == 300 and set(_failed(many)["text"]) == {"TIMEOUT"}
+
+
+def test_text_from_runs_reaches_a_figure_escaped():
+    # plotly draws <a href>, <b>... in names, labels, hover text and titles: text from a file
+    # must be drawn as written.
+    link = '<a href="https://example.invalid">x</a>'
+    env = dataclasses.replace(CPU_ENV, device_name=f"{link} & co")
+    results = [make_result(env=env, batch=2, model="<b>m</b>:build"), make_result(batch=2, model="mod:build"),
+               make_result("oom", env=env, batch=4).replace(error=f"<img src='https://example.invalid/p.png'> {link}")]
+    figures = [build(results).to_dict() for build in charts.MAIN_CHARTS] + [
+        charts.build_sweep_lines(results, "model").to_dict(), charts.build_phase_breakdown(results).to_dict()]
+    text = str(figures)
+    assert "<a href" not in text and "<img" not in text and "<b>m" not in text
+    assert "&lt;a href=\"https://example.invalid\"&gt;x&lt;/a&gt; &amp; co" in text  # the legend's device
+    assert "&lt;img src=" in text and "&lt;b&gt;m&lt;/b&gt;:build" in text  # the error, the model on the axis
+    assert common.chart_text("a < b & c > d") == "a &lt; b &amp; c &gt; d"

@@ -1,4 +1,6 @@
 """Decision figure builders (app/charts/decisions.py), checked on fig.to_dict()."""
+import dataclasses
+
 from app.charts import common
 from app.charts import decisions as charts
 from engine import frontier, numerics, predict
@@ -129,3 +131,19 @@ def test_finder_chart_names_a_capacity_far_above_the_trials():
     report["capacity_bytes"], report["budget_bytes"] = 2000 * GIB, 1900 * GIB
     fig = charts.build_finder_trials(report).to_dict()
     assert hlines(fig) == [] and fig["layout"]["annotations"][0]["text"].startswith("off the scale: capacity 2000.0 GiB")
+
+
+def test_text_from_runs_reaches_decision_figures_escaped():
+    link = '<a href="https://example.invalid">x</a>'
+    env = dataclasses.replace(H100_ENV, device_name=link)
+    base = with_metrics(make_result(env=env, batch=4, model=f"{link}:build"), grad_rel_diff=0.0)
+    other_gpu = dataclasses.replace(H100_ENV, device_name=f"{link} 2")
+    cheap = with_metrics(make_result(env=other_gpu, batch=4, precision="bf16", model=f"{link}:build"), grad_rel_diff=4e-3)
+    failed = make_result("oom", env=env, batch=8, model=f"{link}:build").replace(error=f"<img src=x> {link}")
+    runs = [base, cheap, failed]
+    figures = [charts.build_numerical_cost(numerics.cost_rows(runs), runs).to_dict(),
+               charts.build_frontier(runs, frontier.pareto_frontier(runs)).to_dict()]
+    text = str(figures)
+    assert "<a href" not in text and "<img" not in text
+    assert "&lt;img src=x&gt; &lt;a href" in text  # the failed run's error, in the frontier's hover
+    assert "&lt;a href" in str(figures[0]["data"][0]["x"])  # the runs' labels name their devices

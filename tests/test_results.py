@@ -99,6 +99,30 @@ def test_jsonl_round_trip(tmp_path):
     assert len(read_results(path)) == 1
 
 
+def test_appending_after_a_torn_line_drops_the_fragment_and_keeps_the_file_readable(tmp_path):
+    from tests.hostile import torn
+
+    runs = [ok_result(batch=b) for b in (1, 2, 3)]
+    path = tmp_path / "runs.jsonl"
+    path.write_bytes(torn(runs[:2]))  # two lines, then the start of the second again
+    note = write_jsonl(path, runs[2:])
+    assert note.startswith(f"{path}: dropped a torn last line (57 bytes")
+    assert read_results(path) == runs and read_results(path).notes == ()
+    # A complete last line that only lacks its newline is kept, and the next one starts anew.
+    path.write_text(runs[0].to_json())
+    assert write_jsonl(path, runs[1:2]) is None
+    assert read_results(path) == runs[:2]
+
+
+def test_a_failed_append_names_the_file_and_a_rewrite_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(OSError) as info:
+        write_jsonl("/dev/full", [ok_result()])  # every write: no space left
+    assert info.value.filename == "/dev/full" and "No space left" in info.value.strerror
+    path = tmp_path / "runs.jsonl"
+    write_jsonl(path, [ok_result()], append=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]
+
+
 def test_reader_accepts_a_json_list_and_one_pretty_object(tmp_path):
     result = ok_result()
     (tmp_path / "list.json").write_text(json.dumps([result.to_dict(), result.to_dict()]))

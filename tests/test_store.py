@@ -1,5 +1,6 @@
 """The SQLite results store: persistence, filters, duplicates, concurrency, speed."""
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
@@ -76,6 +77,39 @@ def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
     path.write_text("these are not the runs you are looking for\n" * 100)
     with pytest.raises(StoreError, match="notes.txt"):
         Store(path)
+
+
+def test_opening_an_existing_store_writes_nothing(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    Store(path).add(ok_result())
+    before = os.stat(path).st_mtime_ns
+    time.sleep(0.01)
+    assert Store(path).count() == 1
+    assert os.stat(path).st_mtime_ns == before  # so a store on a full disk still lists
+
+
+def test_only_a_duplicate_id_counts_as_skipped_any_other_failure_is_an_error(tmp_path, monkeypatch):
+    store = Store(tmp_path / "runs.sqlite")
+    first = ok_result()
+    assert store.add_many([first, first]) == (1, 1)
+    row = Store._row
+    monkeypatch.setattr(Store, "_row", staticmethod(lambda result: (*row(result)[:3], None, *row(result)[4:])))
+    with pytest.raises(StoreError, match="runs.sqlite: cannot store the run.*NOT NULL constraint failed: runs.model"):
+        store.add(ok_result())  # a NULL model column must not pass as "already stored"
+    assert store.count() == 1
+
+
+def test_sqlite_failures_become_store_errors_naming_the_file(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    store = Store(path)
+    store.add_many([ok_result() for _ in range(30)])
+    with open(path, "r+b") as f:
+        f.seek(2 * 4096)
+        f.write(b"\xde\xad" * 8192)
+    with pytest.raises(StoreError, match="runs.sqlite: the results database is damaged"):
+        store.check_writable()
+    with pytest.raises(StoreError, match="runs.sqlite: cannot read the results database .*malformed"):
+        store.list()
 
 
 def _add_from_process(path, n):

@@ -15,9 +15,9 @@ from engine.config import GIB, BenchConfig
 from engine.results import Result
 
 from .common import (ANALYTIC_COLOR, BUDGET_COLOR, CAPACITY_COLOR, CHART_HEIGHT, FAILED_COLOR, FAILED_NAME, FIT_COLOR,
-                     OFF_SCALE_FACTOR, OK_COLOR, error_bars, failed_hover, failed_marker, layout, limit_line,
-                     memory_unit, off_scale_note)
-from .runs import PHASES, run_labels
+                     OFF_SCALE_FACTOR, OK_COLOR, chart_text, error_bars, failed_hover, failed_marker, layout,
+                     limit_line, memory_unit, off_scale_note)
+from .runs import PHASES, chart_labels
 
 FINDER_TITLE = "Batch finder trials"
 PREDICTION_TITLE = "Memory prediction"
@@ -30,8 +30,8 @@ PHASE_COLORS = {"forward": "#9ecae1", "backward": "#fdae6b", "optimizer": "#a1d9
 
 
 def _words(config: dict | BenchConfig) -> str:
-    """A configuration (as an engine report holds it) in words, without the model."""
-    return (config if isinstance(config, BenchConfig) else BenchConfig.from_dict(config)).describe(with_model=False)
+    """A configuration (as an engine report holds it) in words, without the model, for a figure."""
+    return chart_text((config if isinstance(config, BenchConfig) else BenchConfig.from_dict(config)).describe(with_model=False))
 
 
 def build_finder_trials(report: dict) -> go.Figure:
@@ -99,9 +99,9 @@ def build_memory_prediction(report: dict) -> go.Figure:
     off_scale = []
     for row in report["capacities"]:
         if top and row["capacity_bytes"] > OFF_SCALE_FACTOR * top:
-            off_scale.append(row["capacity"])
+            off_scale.append(chart_text(row["capacity"]))
         else:
-            limit_line(fig, row["capacity_bytes"] / scale, row["capacity"])
+            limit_line(fig, row["capacity_bytes"] / scale, chart_text(row["capacity"]))
     if off_scale:
         off_scale_note(fig, "off the scale: " + ", ".join(off_scale))
     fig.update_yaxes(rangemode="tozero")
@@ -198,7 +198,7 @@ def build_numerical_cost(rows: list[dict], results: list[Result]) -> go.Figure:
     """grad_rel_diff per ok run (``rows`` from ``numerics.cost_rows(results)``, each against
     its fp32 / no-checkpointing baseline), with the speed-up and memory saving against the
     measured baseline run in the hover; runs are labelled as on the other charts of ``results``."""
-    labels = dict(zip((r.id for r in results), run_labels(results)))
+    labels = dict(zip((r.id for r in results), chart_labels(results)))
     shown = [row for row in rows if row["grad_rel_diff"] is not None]
 
     def gain(row: dict) -> str:

@@ -6,6 +6,8 @@ their status: silently dropping the OOM of a sweep would hide the most important
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Callable
 
 import plotly.graph_objects as go
@@ -14,7 +16,7 @@ from engine import presets
 from engine.config import FIELD_NAMES, GIB
 from engine.results import BREAKDOWN_KEYS, Result
 
-from .common import OFF_SCALE_FACTOR, add_failed_placeholders, error_bars, layout, limit_line
+from .common import OFF_SCALE_FACTOR, add_failed_placeholders, chart_text, error_bars, layout, limit_line
 
 THROUGHPUT_TITLE = "Throughput"
 PEAK_MEMORY_TITLE = "Peak memory"
@@ -82,8 +84,13 @@ def run_labels(results: list[Result]) -> list[str]:
     """
     fields = varying_fields(results) or ["model", "batch", "precision", "ckpt"]
     labels = [" · ".join(_field_text(r, f) for f in fields) for r in results]
-    counts = {label: labels.count(label) for label in labels}
+    counts = Counter(labels)
     return [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]
+
+
+def chart_labels(results: list[Result]) -> list[str]:
+    """``run_labels`` escaped for a figure (they hold model and device names from files)."""
+    return [chart_text(label) for label in run_labels(results)]
 
 
 def _summary(result: Result, key: str) -> tuple[float, float, float] | None:
@@ -142,12 +149,12 @@ def _per_run_layout(fig: go.Figure, title: str, unit: str, categories: list[str]
 def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
     """Bars of one value per successful run, one trace per device; with runs from more than one
     device the legend names them, so an H100 run beside a laptop run is visibly other hardware."""
-    labels = run_labels(results)
+    labels = chart_labels(results)
     fig = go.Figure()
     by_device: dict[str, list[int]] = {}
     for i, result in enumerate(results):
         if result.ok and values(result) is not None:
-            by_device.setdefault(result.env.label, []).append(i)
+            by_device.setdefault(chart_text(result.env.label), []).append(i)
     for name, indices in by_device.items():
         points = [values(results[i]) for i in indices]
         fig.add_bar(
@@ -157,9 +164,9 @@ def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable
             error_y=error_bars(points),
             showlegend=len(by_device) > 1,
             customdata=[results[i].id for i in indices],
-            hovertemplate=f"%{{x}}<br>%{{y:.4g}} {unit}<extra>{name}</extra>",
+            hovertemplate=f"%{{x}}<br>%{{y:.4g}} {unit}<extra>%{{fullData.name}}</extra>",
         )
-    add_failed_placeholders(fig, results, labels, upright=True)
+    add_failed_placeholders(fig, results, labels, legend=False)
     return _per_run_layout(fig, title, unit, labels, stacked=False)
 
 
@@ -171,13 +178,15 @@ def build_throughput(results: list[Result]) -> go.Figure:
 
 
 def capacity_lines(results: list[Result]) -> list[tuple[float, str]]:
-    """(GiB, label) of each distinct memory limit: the run's memory cap, else its device capacity."""
+    """(GiB, label) of each distinct memory limit: the run's memory cap, else its device
+    capacity; labels are escaped for a figure. A limit too large to be a number of bytes (a
+    file's cap of 1e300 GiB) has no line."""
     lines: dict[int, str] = {}
     for result in results:
         limit, cap = result.memory_limit_bytes, result.config.memory_cap_gib
-        if limit:
+        if limit and math.isfinite(limit):
             label = f"memory cap {cap:g} GiB" if cap is not None else f"{result.env.label} capacity {limit / GIB:.1f} GiB"
-            lines.setdefault(round(limit), label)
+            lines.setdefault(round(limit), chart_text(label))
     return sorted((nbytes / GIB, label) for nbytes, label in lines.items())
 
 
@@ -208,7 +217,7 @@ MAIN_CHARTS = (build_throughput, build_peak_memory, build_backward_time)
 
 # --------------------------------------------------------------------------- breakdowns
 def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str, Callable[[Result], float | None]]]) -> go.Figure:
-    labels = run_labels(results)
+    labels = chart_labels(results)
     ok = [i for i, r in enumerate(results) if r.ok]
     fig = go.Figure()
     for name, value in parts:
@@ -219,7 +228,7 @@ def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str
             showlegend=True,
             hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}} {unit}<extra></extra>",
         )
-    add_failed_placeholders(fig, results, labels, upright=True)
+    add_failed_placeholders(fig, results, labels, legend=False)
     return _per_run_layout(fig, title, unit, labels, stacked=True)
 
 
@@ -279,11 +288,11 @@ def build_sweep_lines(results: list[Result], field: str, metric: str = "throughp
     xs = [field_value(r, field) for r in results]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     if not numeric:
-        xs = [str(x) for x in xs]  # categories, "None" (e.g. no memory cap) included
+        xs = [chart_text(x) for x in xs]  # categories, "None" (e.g. no memory cap) included
     groups: dict[str, list[int]] = {}
     for i, result in enumerate(results):
         name = ", ".join(f"{f}={field_value(result, f)}" for f in others) or "all runs"
-        groups.setdefault(name, []).append(i)
+        groups.setdefault(chart_text(name), []).append(i)
     fig = go.Figure()
     for name, members in groups.items():
         ok = [(xs[i], value_of(results[i], unit)) for i in members if results[i].ok]
@@ -296,10 +305,11 @@ def build_sweep_lines(results: list[Result], field: str, metric: str = "throughp
             y=[p[0] for _, p in ok],
             error_y=error_bars([p for _, p in ok]),
             mode="lines+markers",
-            hovertemplate=f"{field}=%{{x}}<br>%{{y:.4g}} {unit}<extra>{name}</extra>",
+            hovertemplate=f"{chart_text(field)}=%{{x}}<br>%{{y:.4g}} {unit}<extra>%{{fullData.name}}</extra>",
         )
     add_failed_placeholders(fig, results, xs)
-    layout(fig, f"{title} vs {field}", x_title=field, y_title=unit, yaxis_rangemode="nonnegative")
+    layout(fig, f"{title} vs {chart_text(field)}", x_title=chart_text(field), y_title=unit,
+           yaxis_rangemode="nonnegative")
     if numeric:
         ticks = sorted(set(xs))
         fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])

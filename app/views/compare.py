@@ -10,9 +10,8 @@ from engine.results import Result
 HAND_PICKED = "Hand-picked runs"
 NEWEST_BY_DEFAULT = 6
 
-store = storage.get_store()
 st.title("Compare")
-runs = store.list()
+runs = storage.get_store().list()
 if not runs:
     st.info("No runs stored yet: run a benchmark on the Run page, or import a bundle or the demo data on the Results page.")
     st.stop()

@@ -14,7 +14,7 @@ import streamlit as st
 from app import form, storage, tasks, ui
 from app.charts import decisions
 from app.panels import find_batch_panel, gib, numerical_cost_panel, percent
-from engine import frontier, pitfall, predict, timeline
+from engine import frontier, limits, pitfall, predict, timeline
 from engine.config import CKPT_POLICIES, GIB, PRECISIONS, BenchConfig, ConfigError, check_runnable, device_memory_limit
 from engine.devices import resolve_device
 
@@ -44,8 +44,10 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
         targets = predict.capacities(sizes, device_memory_limit(config), device_type,
                                      capped=config.memory_cap_gib is not None)
         configs = predict.missing_configs(config, points, wanted)
+        for candidate in configs:
+            limits.check_limits(candidate)  # typed batches: no more than the form allows
     except (ValueError, ConfigError) as exc:
-        st.error(f"Invalid input: {exc}")
+        st.error(f"Invalid input: {ui.plain(exc)}")
         return
     tasks.task_button("decide.predict.task", "Measure these batches",
                       lambda: tasks.benchmarks("Measuring batches", configs, store), where=right,
@@ -53,7 +55,7 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
                       help="Runs the batches not measured yet for this configuration on this device.")
     report = predict.report(points, config, targets, margin)
     if report["fit"] is None:
-        st.info(f"{len(points)} measured batch size(s) of this configuration on {device_type}: the fit needs two. "
+        st.info(f"{len(points)} measured batch size(s) of this configuration on {ui.plain(device_type)}: the fit needs two. "
                 "Measure some batches (ok runs are used; the analytic estimate needs none).")
     else:
         fit = report["fit"]
@@ -77,7 +79,18 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
                                        ("params", "grads", "optimizer", "inputs", "activations", "transient", "peak")]),
                          hide_index=True)
             for note in a["notes"]:
-                st.caption(note)
+                st.caption(ui.plain(note))
+
+
+MIN_BUDGET_GIB, MAX_BUDGET_GIB = 0.001, 1e9
+
+
+def budget_default(limit_bytes: float | None) -> float:
+    """The memory budget a recommendation starts from: the runs' memory limit (cap or device
+    capacity, 80 GiB when unknown) in GiB, within the input's bounds: a stored run's cap can
+    be any positive number, 1e-300 or 1e300 GiB included."""
+    gib_value = (limit_bytes or 80 * GIB) / GIB
+    return round(min(max(gib_value, MIN_BUDGET_GIB), MAX_BUDGET_GIB), 3)
 
 
 def recommend_tab(config: BenchConfig) -> None:
@@ -94,11 +107,11 @@ def recommend_tab(config: BenchConfig) -> None:
     batches = Counter(r.metrics.effective_batch for r in frontier.measured(selected))
     effective = middle.number_input("Effective batch", min_value=1, step=1, key="decide.rec.effective",
                                     value=batches.most_common(1)[0][0] if batches else 8)
-    capacity = selected[0].memory_limit_bytes or 80 * GIB
-    budget = right.number_input("Memory budget (GiB)", min_value=0.001, value=round(capacity / GIB, 3), step=1.0,
-                                format="%.3f", key="decide.rec.budget")
+    budget = right.number_input("Memory budget (GiB)", min_value=MIN_BUDGET_GIB, max_value=MAX_BUDGET_GIB,
+                                value=budget_default(selected[0].memory_limit_bytes), step=1.0, format="%.3f",
+                                key="decide.rec.budget")
     answer = frontier.recommend(selected, int(effective), float(budget))
-    (st.success if answer["fits"] else st.warning)(answer["answer"])
+    (st.success if answer["fits"] else st.warning)(ui.plain(answer["answer"]))
     only_batch = st.toggle("Chart only runs at this effective batch", value=False, key="decide.rec.only")
     shown = [r for r in selected if r.metrics.effective_batch == effective] if only_batch else selected
     ui.show_chart(decisions.build_frontier(shown, frontier.pareto_frontier(shown), answer), key="decide.rec.chart")
@@ -107,10 +120,10 @@ def recommend_tab(config: BenchConfig) -> None:
         for candidate in missing:
             check_runnable(candidate)
     except ConfigError as exc:  # e.g. a teammate's GPU runs, recommended from on a laptop
-        st.caption(f"Missing candidates cannot be measured on this machine: {exc}")
+        st.caption(f"Missing candidates cannot be measured on this machine: {ui.plain(exc)}")
         return
     st.caption(f"{len(missing)} candidate(s) at effective batch {effective} never measured"
-               + (": " + "; ".join(c.describe(with_model=False) for c in missing) if missing else "."))
+               + (": " + ui.plain("; ".join(c.describe(with_model=False) for c in missing)) if missing else "."))
     tasks.task_button("decide.rec.task", "Measure missing candidates",
                       lambda: tasks.benchmarks("Measuring candidates", missing, store), disabled=not missing,
                       type="secondary", help="Runs the configurations the answer depends on that were never measured.")
@@ -134,9 +147,9 @@ def timeline_tab(config: BenchConfig) -> None:
     records = state.value
     ui.show_chart(decisions.build_memory_timeline(records), key="decide.timeline.chart")
     for record in records:
-        st.caption(f"{BenchConfig.from_dict(record['config']).describe(with_model=False)}: peak "
-                   f"{gib(record['peak_bytes'])} in {record['peak_phase']}; {gib(record['baseline_bytes'])} "
-                   f"before the step. {record['source']}.")
+        st.caption(ui.plain(f"{BenchConfig.from_dict(record['config']).describe(with_model=False)}: peak "
+                            f"{gib(record['peak_bytes'])} in {record['peak_phase']}; {gib(record['baseline_bytes'])} "
+                            f"before the step. {record['source']}."))
 
 
 def pitfall_tab(config: BenchConfig) -> None:
@@ -148,7 +161,7 @@ def pitfall_tab(config: BenchConfig) -> None:
         return
     report = state.value
     ui.show_chart(decisions.build_pitfall(report), key="decide.pitfall.chart")
-    (st.warning if report["asynchronous"] else st.info)(report["message"])
+    (st.warning if report["asynchronous"] else st.info)(ui.plain(report["message"]))
 
 
 # ---------------------------------------------------------------- page
@@ -157,9 +170,11 @@ config = form.config_form()
 margin = sidebar_margin()
 if config is None:
     st.stop()
+# Opened after the form: with an unusable database the form still works and the page says why.
+store = storage.get_store()
 tabs = st.tabs(["Find batch size", "Predict memory", "Recommend", "Memory timeline", "Timing pitfall", "Numerical cost"])
 with tabs[0]:
-    find_batch_panel(config, margin, store, key="decide.find")
+    find_batch_panel(config, margin, key="decide.find")
 with tabs[1]:
     predict_tab(config, margin)
 with tabs[2]:
@@ -173,4 +188,4 @@ with tabs[5]:
     if runs:
         numerical_cost_panel(runs, key="decide.numerics")
     else:
-        st.info(f"No ok runs of {config.model} stored yet.")
+        st.info(f"No ok runs of {ui.plain(config.model)} stored yet.")

@@ -3,12 +3,13 @@ import hashlib
 
 import streamlit as st
 
-from app import exports, storage
+from app import exports, storage, ui
 from app.tables import runs_frame
 from engine.results import STATUSES
+from engine.store import import_bundle
 
-store = storage.get_store()
 st.title("Results")
+store = storage.get_store()
 
 # ---------------------------------------------------------------- add runs
 upload_column, demo_column = st.columns([3, 1])
@@ -21,12 +22,12 @@ with demo_column:
 
 # An uploaded file stays in the widget across reruns; import each one once.
 imported = st.session_state.setdefault("results.imported_files", set())
-outcomes = [storage.import_bundle(store, f.name, f.getvalue()) for f in uploads or [] if f.file_id not in imported]
+outcomes = [import_bundle(store, f.name, f.getvalue()) for f in uploads or [] if f.file_id not in imported]
 imported.update(f.file_id for f in uploads or [])
 if load_demo:
     outcomes += storage.load_demo(store)
 for outcome in outcomes:
-    (st.error if outcome.error else st.success)(outcome.message())
+    (st.error if outcome.error else st.success)(ui.plain(outcome.message()))
 
 # ---------------------------------------------------------------- the table
 results = store.list()

@@ -11,14 +11,12 @@ import streamlit as st
 from app import form, storage, tasks, ui
 from app.charts.runs import throughput_unit
 from app.panels import find_batch_panel
-from engine import predict, sweep
+from engine import limits, predict, sweep
 from engine.config import FIELDS_BY_NAME, GIB, SWEEP_FIELDS, BenchConfig, ConfigError, ConfigField, sweep_values
 from engine.results import Result
 
 PERSIST = form.PERSIST
 TASK = "run.task"
-
-store = storage.get_store()
 
 
 def parse_values(field: ConfigField, text: str) -> list:
@@ -31,7 +29,8 @@ def parse_values(field: ConfigField, text: str) -> list:
 
 
 def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str]]:
-    """Sweep definition widgets; the expanded configs and the engine's notes (ConfigError if invalid)."""
+    """Sweep definition widgets; the expanded configs and the engine's notes (ConfigError if
+    invalid, too large, or if a config asks for more than this server's limits)."""
     st.session_state.setdefault("run.sweep.fields", ["batch", "precision"])
     names = st.multiselect("Sweep over", SWEEP_FIELDS, key="run.sweep.fields", **PERSIST)
     grid = {}
@@ -50,31 +49,43 @@ def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str]]:
     base = config.to_dict()
     if effective:
         del base["accum"]
-    return sweep.expand(base, grid, effective or None)
+    configs, notes = sweep.expand(base, grid, effective or None)
+    for candidate in configs:  # typed values, and the accumulation a fixed effective batch derives
+        limits.check_limits(candidate)
+    return configs, notes
+
+
+def _shown(value, spec: str) -> str:
+    """A metric's value formatted, "–" where the run did not measure it (null)."""
+    return "–" if value is None else format(value, spec)
+
+
+def _phase_metric(column, label: str, summary) -> None:
+    column.metric(label, _shown(summary and summary.median, ".1f"),
+                  help=summary and f"p10 {summary.p10:.1f} ms, p90 {summary.p90:.1f} ms")
 
 
 def key_numbers(result: Result) -> None:
-    """The headline numbers of one run (or why it failed)."""
+    """The headline numbers of one run (or why it failed); "–" for a metric it lacks."""
     if not result.ok:
-        st.error(f"{result.status.upper()}: {result.error}")
+        st.error(f"{result.status.upper()}: {ui.plain(result.error or '(no message)')}")
         return
     m = result.metrics
     unit = throughput_unit([result])
-    value = m.tokens_per_s if unit == "tokens/s" else m.samples_per_s
-    step, backward = m.step_ms, m.backward_ms
+    peak = m.peak_allocated_bytes
     columns = st.columns(5)
-    columns[0].metric(f"Throughput ({unit})", f"{value:,.0f}")
-    columns[1].metric("Peak memory (GiB)", f"{m.peak_allocated_bytes / GIB:.3f}")
-    columns[2].metric("Step time (ms)", f"{step.median:.1f}", help=f"p10 {step.p10:.1f} ms, p90 {step.p90:.1f} ms")
-    columns[3].metric("Backward time (ms)", f"{backward.median:.1f}",
-                      help=f"p10 {backward.p10:.1f} ms, p90 {backward.p90:.1f} ms")
+    columns[0].metric(f"Throughput ({unit})", _shown(m.tokens_per_s if unit == "tokens/s" else m.samples_per_s, ",.0f"))
+    columns[1].metric("Peak memory (GiB)", _shown(None if peak is None else peak / GIB, ".3f"))
+    _phase_metric(columns[2], "Step time (ms)", m.step_ms)
+    _phase_metric(columns[3], "Backward time (ms)", m.backward_ms)
     columns[4].metric("Effective batch", m.effective_batch)
     if result.warnings:
-        st.warning("\n".join(f"- {warning}" for warning in result.warnings))
+        st.warning("\n".join(f"- {ui.plain(warning)}" for warning in result.warnings))
 
 
 def latest_stored() -> list[Result]:
     """The newest stored run, or the whole sweep it belongs to, oldest first."""
+    store = storage.get_store()
     newest = store.list(limit=1)
     latest = store.list(sweep_id=newest[0].sweep_id) if newest and newest[0].sweep_id else newest
     return sorted(latest, key=lambda r: r.created_at)
@@ -94,9 +105,9 @@ if config:
     try:
         configs, notes = sweep_settings(config) if mode == "Sweep" else ([config], [])
     except ConfigError as exc:
-        st.error(f"Invalid setting: {exc}")
+        st.error(f"Invalid setting: {ui.plain(exc)}")
 for note in notes:
-    st.caption(note)
+    st.caption(ui.plain(note))
 if mode == "Sweep" and configs:
     st.caption(f"{len(configs)} configs, run one after another; failures (e.g. OOM) are recorded and the sweep goes on.")
 
@@ -106,13 +117,16 @@ with link_column.popover("Copy link", icon=":material/link:", disabled=not link)
     st.code(f"{st.context.url or ''}?{urlencode(link)}", language=None)
     st.caption("Opens the Run page with these settings: every setting, and each changed model dimension.")
 as_sweep = mode == "Sweep"
+# The store is opened when a run starts, not before: a page whose database is unusable still
+# draws its form, and the click says why it cannot store a run instead of measuring one.
 state = tasks.task_button(TASK, "Run benchmark", lambda: tasks.benchmarks(
-    "Sweep" if as_sweep else "Benchmark", configs, store, as_sweep), where=start_column, disabled=not configs)
+    "Sweep" if as_sweep else "Benchmark", configs, storage.get_store(), as_sweep), where=start_column,
+    disabled=not configs)
 
 if mode == "Single run" and config:
     with st.expander("Find batch size: the largest micro-batch that fits, and the fastest",
                      expanded="run.find" in st.session_state):
-        find_batch_panel(config, predict.DEFAULT_MARGIN, store, key="run.find")
+        find_batch_panel(config, predict.DEFAULT_MARGIN, key="run.find")
 
 # ---------------------------------------------------------------- newest results
 fresh = bool(state and state.results)

@@ -4,18 +4,33 @@ from __future__ import annotations
 import argparse
 
 from ..config import ConfigError, check_runnable
-from ..results import read_results
+from ..results import SQLITE_MAGIC, decode_results
 from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, fmt_bytes,
-                     format_table, grid_from_args, result_sinks)
+                     format_table, grid_from_args, result_sinks, warn_notes)
+
+
+def _checked_and_warming(configs: list, args: argparse.Namespace) -> None:
+    """The pre-run checks of ``configs``, with the memory check (which loads torch and builds
+    each model on the meta device, seconds) overlapping the worker's own start-up."""
+    from ..limits import check_memory
+    from ..worker import shared_worker
+
+    for config in configs:
+        check_runnable(config, check_memory=False)
+    if args.force:
+        return
+    shared_worker(configs[0].device).start()
+    for config in configs:
+        check_memory(config)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ..worker import run
 
     config = config_from_args(args)
-    check_runnable(config)
     printer = ProgressPrinter()
-    on_result = result_sinks(args, printer, print_json=args.json)
+    on_result = result_sinks(args, printer, print_json=args.json)  # checks --out/--db before anything starts
+    _checked_and_warming([config], args)
     result = run(config, printer)
     on_result(result)
     if not args.json:
@@ -35,12 +50,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     configs, notes = expand(base, grid, effective)
     if not configs:
         raise CLIError("nothing to run: " + "; ".join(notes or ["no configurations"]))
-    for config in configs:
-        check_runnable(config)
     printer = ProgressPrinter()
+    on_result = result_sinks(args, printer, print_json=args.json)
+    _checked_and_warming(configs, args)
     for note in notes:
         printer.line(f"note: {note}")
-    on_result = result_sinks(args, printer, print_json=args.json)
     results = run_sweep(configs, printer, on_result)
     if not args.json:
         print(format_table(results))
@@ -66,9 +80,20 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    results = read_results(args.file)
+    with open(args.file, "rb") as f:
+        data = f.read()
+    if data.startswith(SQLITE_MAGIC):
+        raise CLIError(f"{args.file} is a SQLite database of runs, not a results file; "
+                       f"list it with: python -m engine list --db {args.file}")
+    results = decode_results(data, args.file)
+    warn_notes(results.notes)
     print(format_table(results) if results else f"{args.file}: no results")
     return 0
+
+
+def _force_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the analytic memory estimate is several times the device's memory")
 
 
 def register(subparsers) -> None:
@@ -77,6 +102,7 @@ def register(subparsers) -> None:
                                 description="Benchmark one configuration. Exit code 0 when the run is ok, 1 when it failed (oom, error, timeout).")
     add_config_flags(run)
     add_output_flags(run)
+    _force_flag(run)
     run.set_defaults(func=_cmd_run)
 
     sweep = subparsers.add_parser("sweep", help="benchmark every combination of comma-separated values",
@@ -84,11 +110,12 @@ def register(subparsers) -> None:
     add_config_flags(sweep, lists=True)
     sweep.add_argument("--effective-batch", metavar="N", help="set accum = N / batch; skip batches that do not divide N")
     add_output_flags(sweep)
+    _force_flag(sweep)
     sweep.set_defaults(func=_cmd_sweep)
 
     devices = subparsers.add_parser("devices", help="list NVIDIA GPUs and the device --device auto uses")
     devices.set_defaults(func=_cmd_devices)
 
-    show = subparsers.add_parser("show", help="print a results file (JSON Lines) as a table")
+    show = subparsers.add_parser("show", help="print a results file (JSON Lines) as a table (a database: use list)")
     show.add_argument("file", metavar="FILE")
     show.set_defaults(func=_cmd_show)

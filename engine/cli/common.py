@@ -1,11 +1,13 @@
 """What every ``python -m engine`` command shares: config flags generated from the config's
-field declarations, argument errors, output formatting, progress on stderr and result sinks.
+field declarations, argument errors, output formatting, progress on stderr, and where
+results go (``--out``/``--db``, checked before anything runs).
 
 Nothing here imports torch: parsing arguments and printing stored results start fast.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,13 +16,18 @@ from typing import Callable, TextIO
 from ..config import CONFIG_FIELDS, GIB, SCALAR_FIELDS, BenchConfig, ConfigError, parse_override
 from ..progress import Progress
 from ..results import Result, read_results, write_jsonl
-from ..store import Store
+from ..store import Store, StoreError
 
 MIB = 1024**2
 
 
 class CLIError(Exception):
     """Bad command-line input that is not a config field (e.g. nothing to run)."""
+
+
+class OutputError(Exception):
+    """A result could not be saved to --out or --db after it was measured (e.g. the disk
+    filled up). The result was printed on stderr as JSON; the command stops with exit code 1."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,15 +129,22 @@ def margin(value: float) -> float:
 
 
 def load_results(args: argparse.Namespace) -> list[Result]:
-    """Results from every --results file and the --db database (newest first)."""
+    """Results from every --results file and the --db database (newest first); what the
+    readers skipped (a torn last line) is a warning on stderr."""
     results = []
-    if args.db:
-        if not os.path.exists(args.db):
-            raise CLIError(f"--db: {args.db}: no such database")
-        results.extend(Store(args.db).list())
+    if args.db is not None:
+        results.extend(open_store(args.db).list())
     for path in getattr(args, "results", None) or []:
-        results.extend(sorted(read_results(path), key=lambda r: r.created_at, reverse=True))
+        found = read_results(path)
+        warn_notes(found.notes)
+        results.extend(sorted(found, key=lambda r: r.created_at, reverse=True))
     return results
+
+
+def warn_notes(notes) -> None:
+    """Each note of a reader (e.g. a skipped torn line) as a warning line on stderr."""
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------- output
@@ -191,6 +205,11 @@ def format_table(results: list[Result]) -> str:
                   "samples/s", "peak alloc", "error"), rows)
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line, e.g. a message quoting a user model's multi-line error."""
+    return " ".join(text.split())
+
+
 def emit_json(obj) -> None:
     """An answer as indented JSON on stdout."""
     print(json.dumps(obj, allow_nan=False, indent=2))
@@ -220,21 +239,97 @@ class ProgressPrinter:
         self.last = None
 
 
+# ------------------------------------------------------------------------- where results go
+def open_store(path: str, write: bool = False) -> Store:
+    """The database at ``--db path``. For reading it must exist; for writing (``write``) it
+    is created if missing and must take a write now: not damaged (SQLite's quick_check),
+    writable, with space on its disk. CLIError/StoreError naming the path otherwise, before
+    anything is measured."""
+    if not path:
+        raise CLIError("--db: the path is empty; give a database file, e.g. --db data/runs.sqlite")
+    if os.path.isdir(path):
+        raise CLIError(f"--db: {path} is a directory, not a database file")
+    if not write and not os.path.exists(path):
+        raise CLIError(f"--db: {path}: no such database")
+    store = Store(path)
+    if write:
+        store.check_writable()
+        _check_space("--db", path)
+    return store
+
+
+def check_out_file(path: str) -> str:
+    """``path`` if results can be appended to it now: not a directory, opens for appending
+    (creating it and its directory), takes a write, and its disk has space. CLIError naming
+    the file and why otherwise: checked before anything runs, so a bad --out loses no run."""
+    if not path:
+        raise CLIError("--out: the path is empty; give a file, e.g. --out runs.jsonl")
+    if os.path.isdir(path):
+        raise CLIError(f"--out: {path} is a directory, not a file")
+    existed = os.path.exists(path)
+    try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            # An empty write reaches the file's own write handler: files that open but
+            # refuse writes (e.g. /proc/version) fail here instead of after the run.
+            os.write(fd, b"")
+        finally:
+            os.close(fd)
+        _check_space("--out", path)
+    except (OSError, CLIError) as exc:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # leave nothing behind for a run that never started
+        if isinstance(exc, CLIError):
+            raise
+        raise CLIError(f"--out: {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
+def _check_space(flag: str, path: str) -> None:
+    stats = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    if stats.f_bavail == 0 and stats.f_blocks > 0:  # pseudo file systems report 0 blocks in all
+        raise CLIError(f"{flag}: {path}: no space left on its disk")
+
+
 def result_sinks(args: argparse.Namespace, printer: ProgressPrinter, print_json: bool) -> Callable[[Result], None]:
     """What happens to each result as it arrives: --out, --db, JSON on stdout (when
-    ``print_json``), and a line on stderr. The database is opened now, so a bad --db fails
-    before anything runs."""
-    store = Store(args.db) if args.db else None
+    ``print_json``), and a line on stderr.
+
+    --out and --db are checked now, so a bad path fails before anything runs. If saving
+    still fails later (the disk filled up), the result is printed on stderr as one JSON
+    line, so it is not lost, and OutputError (exit code 1) stops the command, naming the
+    file and why. A result is saved to every sink that works before that happens.
+    """
+    out = check_out_file(args.out) if args.out is not None else None
+    store = open_store(args.db, write=True) if args.db is not None else None
 
     def on_result(result: Result) -> None:
-        if args.out:
-            write_jsonl(args.out, [result], append=True)
+        failures = []
+        if out is not None:
+            try:
+                note = write_jsonl(out, [result], append=True)
+            except OSError as exc:
+                failures.append(f"{out}: {exc.strerror or exc}")
+            else:
+                if note:
+                    printer.line(f"warning: {note}")
         if store is not None:
-            store.add(result)
+            try:
+                store.add(result)
+            except StoreError as exc:
+                failures.append(str(exc))
         if print_json:
             print(result.to_json(), flush=True)
         printer.line(result_line(result))
         for warning in result.warnings:
             printer.line(f"  warning: {warning}")
+        if failures:
+            printer.line(result.to_json())
+            raise OutputError(f"could not save the result ({'; '.join(failures)}); it is the JSON line above "
+                              "on stderr; stopped")
 
     return on_result

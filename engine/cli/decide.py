@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import frontier, predict
+from .. import frontier, limits, predict
 from ..config import FIELD_NAMES, BenchConfig, check_runnable, device_memory_limit
 from ..devices import resolve_device
 from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, emit_json,
@@ -22,10 +22,16 @@ def _cmd_find_batch(args) -> int:
     from .. import finder
 
     config = config_from_args(args)
-    check_runnable(config)
+    # No memory check: the search starts at batch 1 whatever --batch says, and its trials
+    # must meet their real OOMs, which are its answer.
+    check_runnable(config, check_memory=False)
     keep = margin(args.margin)
     if args.max_batch < 1:
         raise CLIError(f"--max-batch: {args.max_batch} must be >= 1")
+    most = limits.limit_for("batch")
+    if args.max_batch > most:
+        raise CLIError(f"--max-batch: {args.max_batch} is above this server's largest micro-batch, {most:g} "
+                       f"({limits.LIMITS_BY_FIELD['batch'].variable})")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CLIError(f"--time-limit: {args.time_limit} must be > 0 seconds")
     printer = ProgressPrinter()
@@ -61,9 +67,12 @@ def _cmd_predict(args) -> int:
     device_type = resolve_device(config.device).split(":")[0]
     points = []
     if not args.analytic_only:
-        check_runnable(config)
+        # --batch only names the analytic estimate's batch here; the runs are --batches.
+        check_runnable(config, check_memory=False)
         points = [(b, p) for b, p, _ in predict.measured_points(load_results(args), config, device_type)]
         missing = predict.missing_configs(config, points, number_list(args.batches, "--batches", int))
+        for run_config in missing:
+            check_runnable(run_config)
         if missing:
             printer = ProgressPrinter()
             results = run_sweep(missing, printer, result_sinks(args, printer, print_json=False))
@@ -99,7 +108,7 @@ def _cmd_predict(args) -> int:
 
 # ------------------------------------------------------------------------- recommend
 def _cmd_recommend(args) -> int:
-    if not args.results and not args.db:
+    if not args.results and args.db is None:
         raise CLIError("recommend needs --results FILE or --db PATH")
     if args.effective_batch < 1:
         raise CLIError(f"--effective-batch: {args.effective_batch} must be >= 1")
