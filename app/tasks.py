@@ -76,7 +76,7 @@ class TaskState:
 class Task:
     """One engine call running in a daemon thread; results it reports are stored first."""
 
-    def __init__(self, label: str, work: Work, store: Store, configs: Iterable[BenchConfig] = ()):
+    def __init__(self, label: str, work: Work, store: Store | None, configs: Iterable[BenchConfig] = ()):
         self._label = label
         self._configs = tuple(configs)
         self._store = store
@@ -90,8 +90,9 @@ class Task:
         self._value = None
         self._version = 0
         # Before anything is measured: a damaged or read-only database fails the start, with
-        # why, instead of losing the first result.
-        store.check_writable()
+        # why, instead of losing the first result. (A task that stores nothing has no store.)
+        if store is not None:
+            store.check_writable()
         threading.Thread(target=self._run, args=(work,), name="tradeoff-lab-task", daemon=True).start()
 
     def cancel(self) -> None:
@@ -110,7 +111,8 @@ class Task:
 
     def _on_result(self, result: Result) -> None:
         try:
-            self._store.add(result)  # stored before it is shown: what the page says is done is on disk
+            if self._store is not None:
+                self._store.add(result)  # stored before it is shown: what the page says is done is on disk
         except (StoreError, sqlite3.Error):
             # Shown and offered as a file instead; raised on, so the engine stops (every
             # later run would be refused the same way) and _run says why.

@@ -15,13 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from engine import BenchConfig  # noqa: E402
+from engine import BenchConfig, devices  # noqa: E402
 from engine.config import GIB  # noqa: E402
-from engine.devices import env_info  # noqa: E402
-from engine.flops import peak_tflops  # noqa: E402
-from engine.measure import run_benchmark  # noqa: E402
+from engine.flops import peak_row, peak_tflops  # noqa: E402
+from engine.results import Metrics  # noqa: E402
+from engine.worker import run  # noqa: E402
 
 TARGET = 0.40
 
@@ -36,17 +34,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sweep_model(model: str, args: argparse.Namespace, capacity: int) -> dict | None:
-    """Benchmark ``model`` at doubling batches; return (batch, metrics) of the best-MFU batch."""
+def sweep_model(model: str, args: argparse.Namespace, capacity: int) -> tuple[int, Metrics] | None:
+    """Benchmark ``model`` at doubling batches, each in the engine's worker (through the device
+    queue, so nothing else times the GPU meanwhile); return (batch, metrics) of the best-MFU
+    batch. Any failure (out of memory of any kind, a crash, a timeout) ends the doubling."""
     best = None
     batch = args.start_batch
     while batch <= args.max_batch:
         config = BenchConfig(model=model, batch=batch, precision="bf16", warmup=args.warmup, steps=args.steps, device="cuda")
-        try:
-            metrics = run_benchmark(config).metrics
-        except torch.OutOfMemoryError:
-            print(f"  {model} batch {batch:4d}: out of memory")
+        result = run(config)
+        if not result.ok:
+            print(f"  {model} batch {batch:4d}: {result.status}: {(result.error or '')[:100]}")
             break
+        metrics = result.metrics
         peak = metrics.peak_reserved_bytes
         mfu = metrics.mfu
         mfu_text = f"{mfu:6.1%}" if mfu is not None else "   n/a"
@@ -66,17 +66,18 @@ def sweep_model(model: str, args: argparse.Namespace, capacity: int) -> dict | N
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if devices.cuda_device_count() == 0:
         print("bench/mfu.py needs a CUDA GPU and none is present: nothing measured.")
         return 0
-    env = env_info("cuda")
-    peak = peak_tflops(env["device_name"], "bf16")
-    print(f"device: {env['device_name']}, {env['capacity_bytes'] / GIB:.0f} GiB, torch {env['torch']}, "
-          f"CUDA {env['cuda']}, driver {env['driver']}; bf16 dense peak {peak} TFLOP/s")
+    gpu = devices.cuda_gpu("cuda")
+    peak = peak_tflops(gpu.name, "bf16")
+    print(f"device: {gpu.name} ({gpu.uuid}), {gpu.total_memory / GIB:.0f} GiB; bf16 dense peak {peak} TFLOP/s")
     if peak is None:
-        print("  (this device has no row in engine.flops.PEAK_TFLOPS: MFU is reported as n/a)")
+        why = "a MIG slice has no datasheet peak" if peak_row(gpu.name) is None and "MIG" in gpu.name else \
+            "this device has no row in engine.flops.PEAK_TFLOPS"
+        print(f"  ({why}: MFU is reported as n/a)")
     for model in args.models:
-        best = sweep_model(model, args, env["capacity_bytes"])
+        best = sweep_model(model, args, gpu.total_memory)
         if best is None:
             print(f"{model}: no batch fits")
             continue

@@ -23,7 +23,9 @@ import torch  # noqa: E402
 
 from engine import BenchConfig, checkpointing, check_runnable, models  # noqa: E402
 from engine.cli.common import add_config_flags, config_from_args  # noqa: E402
-from engine.devices import env_info, resolve_device  # noqa: E402
+from engine.devicelock import device_queue  # noqa: E402
+from engine.devices import device_key, env_info, resolve_device  # noqa: E402
+from engine.step import on_device  # noqa: E402
 from engine.measure import run_benchmark  # noqa: E402
 
 TARGET = 1.02
@@ -71,9 +73,9 @@ class HandLoop:
     def timed_step_ms(self) -> float:
         """One step's time: CUDA events and one synchronisation on CUDA, perf_counter on CPU."""
         if self.device.type == "cuda":
-            self.start.record()
+            self.start.record(torch.cuda.current_stream(self.device))
             self.step()
-            self.end.record()
+            self.end.record(torch.cuda.current_stream(self.device))
             self.end.synchronize()
             return self.start.elapsed_time(self.end)
         t0 = time.perf_counter()
@@ -96,6 +98,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     check_runnable(config)
+    # In the device queue like every run, and with the target GPU current: its kernels and
+    # both sides' events go to its stream.
+    with device_queue(device_key(config.device)), on_device(torch.device(resolve_device(config.device))):
+        return _compare(config, args)
+
+
+def _compare(config: BenchConfig, args: argparse.Namespace) -> int:
     device = torch.device(resolve_device(config.device))
     env = env_info(str(device))
     print(f"device: {env['device_name']} ({device}), torch {env['torch']}, cuda {env['cuda']}, threads {torch.get_num_threads()}")

@@ -122,31 +122,38 @@ class EveryKCheckpoint(CheckpointPolicy):
         return f"EveryKCheckpoint(k={self.k})"
 
 
-# Megatron-style selective recomputation (Korthikanti et al. 2022, "Reducing Activation
-# Recomputation in Large Transformer Models", section 4.2): keep the outputs of the expensive
-# dense layers (linear-layer matmuls, convolutions) and recompute the rest of the block: the
-# attention core and the cheap pointwise ops (LayerNorm, GELU, residual adds) whose saved
-# inputs dominate activation memory relative to their compute. Recomputing the attention
-# core is what makes this policy cost (and count) extra FLOPs; bmm is left out of the save
-# list because outside the fused SDPA kernels it only appears inside attention.
+# Selective recomputation as torch's own partitioner and torchtitan define it (after
+# Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+# section 4.2): keep the outputs of the expensive operators (linear-layer matmuls,
+# convolutions and the fused attention kernels) and recompute the cheap pointwise ones
+# (LayerNorm, GELU, residual adds) whose saved inputs dominate activation memory relative
+# to their compute. Every SDPA kernel is listed, the CUDA flash/memory-efficient/cuDNN ones
+# and the CPU flash one, so attention never runs again in backward whichever backend
+# F.scaled_dot_product_attention picks; bmm is left out because outside those fused kernels
+# it only appears inside an unfused attention, which is cheap to recompute at small sizes.
 SAVED_OPS = frozenset(
     {
         torch.ops.aten.mm.default,
         torch.ops.aten.addmm.default,
         torch.ops.aten._scaled_mm.default,
         torch.ops.aten.convolution.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     }
 )
 
 
-def _save_matmul_outputs(ctx, op, *args, **kwargs):
+def _save_expensive_outputs(ctx, op, *args, **kwargs):
     if op in SAVED_OPS:
         return torch_ckpt.CheckpointPolicy.MUST_SAVE
     return torch_ckpt.CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class SelectiveCheckpoint(CheckpointPolicy):
-    """Every block, saving matmul/convolution outputs and recomputing everything else."""
+    """Every block, saving matmul, convolution and attention outputs and recomputing
+    everything else."""
 
     name = "selective"
 
@@ -155,7 +162,7 @@ class SelectiveCheckpoint(CheckpointPolicy):
 
     def context_fn(self) -> Callable:
         # torch calls this on every forward, so each forward gets fresh caching contexts.
-        return functools.partial(torch_ckpt.create_selective_checkpoint_contexts, _save_matmul_outputs)
+        return functools.partial(torch_ckpt.create_selective_checkpoint_contexts, _save_expensive_outputs)
 
 
 def make_policy(ckpt: str, k: int = 2) -> CheckpointPolicy:

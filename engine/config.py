@@ -111,6 +111,24 @@ def _check_device(config: "BenchConfig") -> None:
         raise ConfigError("device", config.device, _DEVICE_ALLOWED)
 
 
+def minimum_warmup(device: str, precision: str) -> int:
+    """Warm-up steps a run on ``device`` needs before timing: on CUDA the first step loads
+    kernels lazily and creates cuBLAS workspaces (1), and fp16's GradScaler skips its first
+    steps while it calibrates the loss scale (2)."""
+    if not device.startswith("cuda"):
+        return 0
+    return 2 if precision == "fp16" else 1
+
+
+def _check_warmup(config: "BenchConfig") -> None:
+    if isinstance(config.device, str) and config.warmup < minimum_warmup(config.device, config.precision):
+        need = minimum_warmup(config.device, config.precision)
+        raise ConfigError("warmup", config.warmup, f"an integer >= {need} on CUDA"
+                          + (" with fp16" if config.precision == "fp16" else "")
+                          + " (the first steps load kernels and create cuBLAS workspaces"
+                          + ("; GradScaler calibrates its loss scale" if config.precision == "fp16" else "") + ")")
+
+
 def _check_int(name: str, value: Any, minimum: float | None, maximum: float | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
@@ -135,7 +153,7 @@ class BenchConfig:
                      minimum=1, sweep="2,4", applies_when=("ckpt", "every-k"))
     optimizer: Optimizer = setting("adamw", label="Optimizer", help="optimizer", sweep="adamw,sgd")
     warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
-                          minimum=0)
+                          minimum=0, check=_check_warmup)
     steps: int = setting(10, label="Measured steps", help="measured optimizer steps", minimum=1)
     device: str = setting("auto", label="Device", help="device to run on", allowed=_DEVICE_ALLOWED, check=_check_device)
     memory_cap_gib: float | None = setting(None, label="Memory cap (GiB)", unit="GiB", minimum=0, minimum_exclusive=True,
@@ -359,6 +377,9 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
 
     limits.check_limits(config)
     _check_device_present(config.device)
+    resolved = devices.resolve_device(config.device)
+    if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision):
+        _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
     if config.ckpt == "selective" and not selective_checkpoint_available():
         raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
     if config.memory_cap_gib is not None:

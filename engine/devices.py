@@ -1,23 +1,102 @@
-"""What hardware is here: which device a run uses, how much memory it has, the CPU's name,
-and the environment a result records. torch is imported only when a GPU must be asked.
+"""What hardware is here: which device a run uses, which physical GPU that is, how much memory
+it has, the CPU's name, and the environment a result records.
+
+A process that starts benchmarks (the CLI, the dashboard) never initialises CUDA: a CUDA
+context there would sit on the GPU being measured, outside the device queue. It learns
+torch's CUDA devices (``cuda:N`` with their UUIDs, names and memory) once, from a short-lived
+probe subprocess. Each worker process then sees exactly one GPU
+(``CUDA_VISIBLE_DEVICES=<its UUID>``, set before CUDA initialises), so inside a worker the
+target is always ``cuda:0``, and workers and the device queue are keyed by the GPU's UUID:
+``auto``, ``cuda`` and ``cuda:0`` name one GPU, one worker and one queue.
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import os
 import platform
+import subprocess
+import sys
+from dataclasses import dataclass
 
 from . import nvml
 
+# Set in a worker process that was started for one GPU: every CUDA device name means it.
+PINNED_ENV = "TRADEOFF_LAB_PINNED_GPU"
+
+_PROBE = """
+import json, torch
+gpus = []
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        uuid = str(getattr(p, "uuid", "") or "")
+        gpus.append({"index": i, "uuid": uuid or None, "name": p.name, "total_memory": int(p.total_memory)})
+print(json.dumps(gpus))
+"""
+PROBE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class CudaGpu:
+    """One CUDA device as torch numbers it in this process (``cuda:{index}``)."""
+
+    index: int
+    uuid: str | None  # "GPU-..." or "MIG-..."; None where CUDA reports none
+    name: str
+    total_memory: int
+
+    @property
+    def key(self) -> str:
+        """What names this physical GPU (its UUID) for workers, queues and NVML."""
+        return self.uuid or f"cuda-index-{self.index}"
+
+
+def _cuda_wheel_expected() -> bool:
+    """False for torch builds that cannot have CUDA (the CPU wheels, ``+cpu``): no probe needed."""
+    try:
+        return not importlib.metadata.version("torch").endswith("+cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def normalised_uuid(uuid: str | None, name: str = "") -> str | None:
+    """A UUID as NVML and CUDA_VISIBLE_DEVICES write it: torch prints it without the prefix,
+    which is "MIG-" for a MIG instance (its name says "MIG") and "GPU-" otherwise."""
+    if not uuid:
+        return None
+    if uuid.startswith(("GPU-", "MIG-")):
+        return uuid
+    return f"{'MIG' if ' MIG ' in f' {name} ' else 'GPU'}-{uuid}"
+
+
+@functools.cache
+def cuda_gpus() -> tuple[CudaGpu, ...]:
+    """torch's CUDA devices in this process's order (honouring CUDA_VISIBLE_DEVICES), learned
+    once from a probe subprocess so this process never initialises CUDA; () without CUDA."""
+    if PINNED_ENV in os.environ or not _cuda_wheel_expected():
+        return ()
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                             check=True).stdout
+        found = json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return ()
+    return tuple(CudaGpu(g["index"], normalised_uuid(g["uuid"], g["name"]), g["name"], g["total_memory"]) for g in found)
+
 
 def cuda_device_count() -> int:
-    """CUDA GPUs torch can use (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """CUDA GPUs torch can use here (0 without CUDA). Inside a worker: its one GPU."""
+    if PINNED_ENV in os.environ:
+        return 1
+    return len(cuda_gpus())
 
 
 def mps_available() -> bool:
     """Whether Apple's MPS backend can be used."""
+    if sys.platform != "darwin":
+        return False
     import torch
 
     backend = getattr(torch.backends, "mps", None)
@@ -25,7 +104,10 @@ def mps_available() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    """Turn ``auto`` into the best present device; other values pass through."""
+    """Turn ``auto`` into the best present device; inside a worker started for one GPU, every
+    CUDA device is its ``cuda:0``; other values pass through."""
+    if PINNED_ENV in os.environ and (device == "auto" or device.startswith("cuda")):
+        return "cuda:0"
     if device != "auto":
         return device
     if cuda_device_count() > 0:
@@ -33,19 +115,64 @@ def resolve_device(device: str) -> str:
     return "mps" if mps_available() else "cpu"
 
 
+def cuda_gpu(device: str) -> CudaGpu:
+    """The CudaGpu a resolved ``cuda``/``cuda:N`` names in this process; IndexError if absent."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return cuda_gpus()[index]
+
+
+def device_key(device: str) -> str:
+    """What identifies the physical device behind ``device``: its GPU UUID for CUDA (so
+    ``auto``, ``cuda`` and ``cuda:0`` are one key), else the device type ("cpu", "mps")."""
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda"):
+        if PINNED_ENV in os.environ:
+            return os.environ[PINNED_ENV]
+        return cuda_gpu(resolved).key
+    return resolved
+
+
+def visible_devices_for(device: str) -> str | None:
+    """The CUDA_VISIBLE_DEVICES value that makes ``device`` a worker's only GPU (its UUID,
+    else its entry in this process's CUDA_VISIBLE_DEVICES); None for cpu and mps."""
+    resolved = resolve_device(device)
+    if not resolved.startswith("cuda"):
+        return None
+    gpu = cuda_gpu(resolved)
+    if gpu.uuid:
+        return gpu.uuid
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return inherited.split(",")[gpu.index].strip() if inherited else str(gpu.index)
+
+
 def device_capacity_bytes(device: str) -> int | None:
     """Total memory of a resolved device: GPU memory, or physical RAM for CPU; None if unknown."""
     if device.startswith("cuda"):
-        import torch
+        if PINNED_ENV in os.environ:
+            import torch
 
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return int(torch.cuda.get_device_properties(index).total_memory)
+            return int(torch.cuda.get_device_properties(0).total_memory)
+        return cuda_gpu(device).total_memory
     if device == "cpu":
         try:
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             return None
     return None
+
+
+def gpus() -> list[dict]:
+    """Every NVIDIA GPU NVML sees (``nvml.list_gpus``) with ``cuda_index``: its ``cuda:N`` in
+    this process, matched by UUID (NVML indices need not match torch's), None when CUDA
+    does not see it (hidden by CUDA_VISIBLE_DEVICES)."""
+    by_uuid = {gpu.uuid: gpu.index for gpu in cuda_gpus() if gpu.uuid}
+    return [gpu | {"cuda_index": by_uuid.get(gpu["uuid"])} for gpu in nvml.list_gpus()]
+
+
+def gpu_label(gpu: dict) -> str:
+    """How a GPU of ``gpus()`` is numbered: "NVML 1 = cuda:0" (the two need not agree)."""
+    cuda = f"cuda:{gpu['cuda_index']}" if gpu.get("cuda_index") is not None else "not visible to CUDA here"
+    return f"NVML {gpu['index']} = {cuda}"
 
 
 def cpu_model_name() -> str:
@@ -62,7 +189,8 @@ def cpu_model_name() -> str:
 
 def env_info(device: str) -> dict:
     """``{device_type, device_name, capacity_bytes, torch, cuda, driver, python, cpu}`` for a
-    resolved device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``): the result's ``env``."""
+    resolved device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``): the result's ``env``.
+    Runs in the worker, which owns the device."""
     import torch
 
     dev = torch.device(device)
@@ -83,3 +211,10 @@ def env_info(device: str) -> dict:
         "python": platform.python_version(),
         "cpu": cpu,
     }
+
+
+def pin_this_process(visible: str) -> None:
+    """Make this (worker) process see exactly one GPU, before CUDA initialises: every CUDA
+    device then resolves to its ``cuda:0``."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    os.environ[PINNED_ENV] = visible

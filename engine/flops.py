@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,9 @@ _H100_DATASHEET = "NVIDIA H100 datasheet, https://www.nvidia.com/en-us/data-cent
 _H200_DATASHEET = "NVIDIA H200 datasheet, https://www.nvidia.com/en-us/data-center/h200/ (sparse figures halved; same GH100 SXM clocks as H100 SXM5)"
 
 # Order matters: the first row whose pattern matches the device name wins, so specific
-# variants (NVL, PCIe) come before the generic name. \b keeps "GH200" out of "H200".
+# variants (NVL, PCIe) come before the generic name. \b keeps "GH200" out of "H200" and
+# "L40S" out of "L4". GH200, H800, H20 and RTX 5090 have no row: no datasheet figure was
+# verified for them, so their MFU is None rather than borrowed from a sibling.
 PEAK_TFLOPS: tuple[PeakRow, ...] = (
     PeakRow(r"\bH100\b.*\bNVL\b", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}, _H100_DATASHEET),
     PeakRow(r"\bH100\b.*\bPCIe\b", "H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}, _H100_WHITEPAPER),
@@ -56,6 +59,26 @@ PEAK_TFLOPS: tuple[PeakRow, ...] = (
         "A100 (SXM4 and PCIe, 40/80 GB)",
         {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
         "NVIDIA A100 datasheet, https://www.nvidia.com/en-us/data-center/a100/ (sparse figures halved)",
+    ),
+    PeakRow(
+        r"\bL40S\b",
+        "L40S",
+        {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+        "NVIDIA L40S datasheet, https://www.nvidia.com/en-us/data-center/l40s/ (sparse figures halved)",
+    ),
+    # GeForce cards accumulate fp16/bf16 in fp32 at half rate; autocast's GEMMs accumulate in fp32.
+    PeakRow(
+        r"\bRTX 4090\b",
+        "GeForce RTX 4090",
+        {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+        "NVIDIA Ada Lovelace GPU architecture whitepaper v1.0 (2022), appendix table A: RTX 4090 peak "
+        "FP16/BF16 Tensor TFLOPS with FP32 accumulate, dense",
+    ),
+    PeakRow(
+        r"\bB200\b",
+        "B200 (HGX, 1000 W)",
+        {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 75.0},
+        "NVIDIA HGX B200 specifications, https://www.nvidia.com/en-us/data-center/hgx/ (per GPU; sparse figures halved)",
     ),
     PeakRow(
         r"\bL4\b",
@@ -86,7 +109,13 @@ PEAK_TFLOPS: tuple[PeakRow, ...] = (
 
 
 def peak_row(device_name: str) -> PeakRow | None:
-    """The table row for a device name (e.g. ``torch.cuda.get_device_name()``), or None."""
+    """The table row for a device name (e.g. ``torch.cuda.get_device_name()``), or None.
+
+    None for a MIG instance ("... MIG 1g.10gb"): it has a fraction of the GPU's SMs, and no
+    datasheet gives its peak, so the whole GPU's row would understate MFU several times over.
+    """
+    if re.search(r"\bMIG\b", device_name, flags=re.IGNORECASE):
+        return None
     for row in PEAK_TFLOPS:
         if re.search(row.pattern, device_name, flags=re.IGNORECASE):
             return row
@@ -111,16 +140,26 @@ def peak_tflops(device_name: str, precision: str, tf32: bool | None = False) -> 
     return row.tflops.get(key)
 
 
+def _tf32_on(api, legacy_flag: Callable[[], bool]) -> bool:
+    """Whether TF32 is on for one kind of op. Where torch has the ``fp32_precision`` API it is
+    the one to read: it already falls back op -> backend -> global, and reading the legacy
+    ``allow_tf32`` flag after the new API was used raises ("mix of the legacy and new
+    APIs"). Older torch: the legacy flag."""
+    precision = getattr(api, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(legacy_flag())
+
+
 def fp32_uses_tf32(model: nn.Module) -> bool | None:
     """Whether an fp32 step of ``model`` runs on TF32 tensor cores on CUDA.
 
-    Matmuls follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default), convolutions
-    ``torch.backends.cudnn.allow_tf32`` (on by default). A model with both kinds of layer
-    under different settings has no single peak: None.
+    Matmuls follow the cuBLAS setting (off by default), convolutions cuDNN's conv setting
+    (on by default). A model with both kinds of layer under different settings has no
+    single peak: None.
     """
-    matmul = bool(torch.backends.cuda.matmul.allow_tf32)
+    matmul = _tf32_on(torch.backends.cuda.matmul, lambda: torch.backends.cuda.matmul.allow_tf32)
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    if not has_conv or bool(torch.backends.cudnn.allow_tf32) == matmul:
+    conv = _tf32_on(getattr(torch.backends.cudnn, "conv", None), lambda: torch.backends.cudnn.allow_tf32)
+    if not has_conv or conv == matmul:
         return matmul
     return None
 

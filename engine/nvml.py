@@ -66,9 +66,41 @@ def driver_version() -> str | None:
         return None
 
 
+def _describe(nvml, handle, index, driver: str | None, cuda: str | None) -> dict:
+    memory = query(nvml.nvmlDeviceGetMemoryInfo, handle)
+    utilization = query(nvml.nvmlDeviceGetUtilizationRates, handle)
+    power_mw = query(nvml.nvmlDeviceGetPowerUsage, handle)
+    return {
+        "index": index,
+        "name": text(query(nvml.nvmlDeviceGetName, handle)),
+        "uuid": text(query(nvml.nvmlDeviceGetUUID, handle)),
+        "memory_used_bytes": memory.used if memory else None,
+        "memory_total_bytes": memory.total if memory else None,
+        "utilization_pct": utilization.gpu if utilization else None,
+        "temperature_c": query(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+        "power_w": power_mw / 1000 if power_mw is not None else None,
+        "driver": driver,
+        "cuda": cuda,
+    }
+
+
+def _mig_instances(nvml, handle) -> list:
+    """The MIG instances of a GPU in MIG mode (each a CUDA device of its own), else []."""
+    mode = query(nvml.nvmlDeviceGetMigMode, handle)
+    if not mode or mode[0] != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return []
+    found = []
+    for i in range(query(nvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0):
+        mig = query(nvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, i)
+        if mig is not None:
+            found.append(mig)
+    return found
+
+
 def list_gpus() -> list[dict]:
-    """NVIDIA GPUs with index, name, uuid, memory used/total (bytes), utilisation (%),
-    temperature (C), power (W), driver and CUDA driver version; [] without NVML or GPU."""
+    """NVIDIA GPUs (and, after a GPU in MIG mode, each of its MIG instances, index "i:j")
+    with index (NVML's), name, uuid, memory used/total (bytes), utilisation (%), temperature
+    (C), power (W), driver and CUDA driver version; [] without NVML or GPU."""
     try:
         with session() as nvml:
             driver = text(query(nvml.nvmlSystemGetDriverVersion))
@@ -77,47 +109,31 @@ def list_gpus() -> list[dict]:
             gpus = []
             for index in range(nvml.nvmlDeviceGetCount()):
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                memory = query(nvml.nvmlDeviceGetMemoryInfo, handle)
-                utilization = query(nvml.nvmlDeviceGetUtilizationRates, handle)
-                power_mw = query(nvml.nvmlDeviceGetPowerUsage, handle)
-                gpus.append({
-                    "index": index,
-                    "name": text(query(nvml.nvmlDeviceGetName, handle)),
-                    "uuid": text(query(nvml.nvmlDeviceGetUUID, handle)),
-                    "memory_used_bytes": memory.used if memory else None,
-                    "memory_total_bytes": memory.total if memory else None,
-                    "utilization_pct": utilization.gpu if utilization else None,
-                    "temperature_c": query(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
-                    "power_w": power_mw / 1000 if power_mw is not None else None,
-                    "driver": driver,
-                    "cuda": cuda,
-                })
+                gpus.append(_describe(nvml, handle, index, driver, cuda))
+                for j, mig in enumerate(_mig_instances(nvml, handle)):
+                    gpus.append(_describe(nvml, mig, f"{index}:{j}", driver, cuda))
             return gpus
     except NvmlUnavailable:
         return []
 
 
 class GpuCounters:
-    """NVML's view of one GPU during a run: memory in use and the energy counter.
+    """NVML's view of one GPU (or MIG instance) during a run: memory in use by the device and
+    by each compute process, and the energy counter.
 
-    ``uuid`` is the GPU's UUID as CUDA reports it (``torch.cuda.get_device_properties().uuid``,
-    with or without the ``GPU-`` prefix); ``fallback_index`` the NVML index to use when the
-    UUID lookup fails. Every reading is None when NVML or the counter is unavailable.
+    ``uuid`` is the device's NVML UUID ("GPU-..." or "MIG-..."): the one name CUDA and NVML
+    share whatever CUDA_VISIBLE_DEVICES says. Every reading is None when NVML, the device or
+    the counter is unavailable.
     """
 
-    def __init__(self, uuid: str, fallback_index: int | None = None):
+    def __init__(self, uuid: str):
         self.handle = None
         self._stack = contextlib.ExitStack()
         try:
             self._nvml = self._stack.enter_context(session())
         except NvmlUnavailable:
             return
-        try:
-            name = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-            self.handle = self._nvml.nvmlDeviceGetHandleByUUID(name)
-        except Exception:
-            if fallback_index is not None:
-                self.handle = query(self._nvml.nvmlDeviceGetHandleByIndex, fallback_index)
+        self.handle = query(self._nvml.nvmlDeviceGetHandleByUUID, uuid)
 
     def used_bytes(self) -> int | None:
         """Device memory in use by all processes (includes CUDA contexts), or None."""
@@ -125,6 +141,17 @@ class GpuCounters:
             return None
         info = query(self._nvml.nvmlDeviceGetMemoryInfo, self.handle)
         return int(info.used) if info is not None else None
+
+    def processes(self) -> dict[int, int | None] | None:
+        """Compute processes on the device: pid -> GPU memory it uses (None where NVML cannot
+        say), or None when NVML cannot list them. Pids are as NVML sees them: in a container
+        with its own pid namespace they are the host's, not this process's."""
+        if self.handle is None:
+            return None
+        listed = query(self._nvml.nvmlDeviceGetComputeRunningProcesses, self.handle)
+        if listed is None:
+            return None
+        return {int(p.pid): (None if p.usedGpuMemory is None else int(p.usedGpuMemory)) for p in listed}
 
     def energy_mj(self) -> int | None:
         """Total energy the GPU used since the driver loaded, in mJ (Volta+), or None."""

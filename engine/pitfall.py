@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .config import BenchConfig
 from .stats import Summary
-from .step import PerfCounterTimer, build_step, make_timer
+from .step import PerfCounterTimer, build_step, make_timer, on_device
 from .worker import Outcome, call
 
 PHASE_KEYS = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms")
@@ -52,6 +52,11 @@ def measure_pitfall(config: BenchConfig, channel=None) -> dict:
     in this process. Returns device_type, asynchronous, correct_method, naive and correct
     (per-phase Summary dicts) and a one-sentence message."""
     step = build_step(config)
+    with on_device(step.device):  # the events and the step's kernels go to the target GPU
+        return _measure(step, config)
+
+
+def _measure(step, config: BenchConfig) -> dict:
     sync = _synchronizer(step.device)
     for _ in range(config.warmup):
         step.run()

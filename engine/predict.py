@@ -266,11 +266,12 @@ def _gpt_block_input_bytes(s: int, b: int, h: int) -> int:
     return _FP32 * s * b * h
 
 
-def _gpt_selective_layer_bytes(s: int, b: int, h: int, precision: str) -> int:
-    # Selective checkpointing saves the matmul outputs (q/k/v 3, projection 1, fc 4,
-    # fc_proj 1 = 9 sbh elements in the compute dtype) and the block input, and recomputes
-    # the LayerNorms, GELU and attention.
-    return _gpt_block_input_bytes(s, b, h) + 9 * s * b * h * _COMPUTE_BYTES[precision]
+def _gpt_selective_layer_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
+    # Selective checkpointing saves the block input, the matmul outputs (q/k/v 3,
+    # projection 1, fc 4, fc_proj 1 = 9 sbh elements in the compute dtype) and the attention
+    # kernel's outputs (its output, sbh in the compute dtype, and the fp32 logsumexp, a·s·b),
+    # and recomputes the LayerNorms, GELU and residual adds.
+    return _gpt_block_input_bytes(s, b, h) + 10 * s * b * h * _COMPUTE_BYTES[precision] + 4 * a * s * b
 
 
 def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
@@ -280,7 +281,7 @@ def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _M
     full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision)
     n_ckpt = checkpointed_blocks(config.ckpt, config.k, L)
     per_ckpt = (
-        _gpt_selective_layer_bytes(s, b, h, config.precision)
+        _gpt_selective_layer_bytes(s, b, h, a, config.precision)
         if config.ckpt == "selective"
         else _gpt_block_input_bytes(s, b, h)
     )

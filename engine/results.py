@@ -88,6 +88,7 @@ class Metrics:
     peak_allocated_bytes: int | None = None
     peak_reserved_bytes: int | None = None
     nvml_used_bytes: int | None = None
+    nvml_device_used_bytes: int | None = None
     memory_breakdown_bytes: MemoryBreakdown | None = None
     flops_per_step: int | None = None
     hw_flops_per_step: int | None = None
@@ -108,7 +109,7 @@ class Metrics:
 
 METRIC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Metrics))
 # Keys added to v1 after its first files were written: absent in those files, read as null.
-_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries")
+_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_bytes")
 
 
 @dataclass(frozen=True)

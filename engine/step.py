@@ -62,16 +62,28 @@ class _StampTimer(PhaseTimer):
     def mark(self, phase: str) -> None:
         self._marks.append((phase, self._stamp()))
 
-    def collect(self) -> dict[str, float]:
+    def _take(self) -> list[tuple[str, object]]:
+        """The step's marks (reset for the next step), once the last one is complete."""
         marks, self._marks = self._marks, []
+        if len(marks) >= 2:
+            self._wait(marks[-1][1])
+        return marks
+
+    def collect(self) -> dict[str, float]:
+        marks = self._take()
         if len(marks) < 2:
             return {}
-        self._wait(marks[-1][1])
         times = {f"{phase}_ms": 0.0 for phase in PHASES}
         for (_, start), (phase, end) in zip(marks, marks[1:]):
             times[f"{phase}_ms"] += self._elapsed_ms(start, end)
         times["step_ms"] = self._elapsed_ms(marks[0][1], marks[-1][1])
         return times
+
+    def intervals(self) -> list[float]:
+        """Milliseconds of each interval between consecutive marks of the step just run (the
+        memory timeline's phase bands), and reset for the next step."""
+        marks = self._take()
+        return [self._elapsed_ms(start, end) for (_, start), (_, end) in zip(marks, marks[1:])]
 
 
 class PerfCounterTimer(_StampTimer):
@@ -93,24 +105,37 @@ class PerfCounterTimer(_StampTimer):
 
 
 class EventTimer(_StampTimer):
-    """Device events (CUDA, or MPS) recorded on the current stream; one synchronisation, in
-    ``collect``, per step.
+    """Device events (CUDA, or MPS) recorded on the target device's current stream (the one
+    the step's kernels go to); one synchronisation, in ``collect``, per step.
 
+    The stream is named explicitly: ``Event.record()`` without one records on the current
+    *device's* stream, which is another GPU's when the target is not the current device.
     Events are reused between steps (each ``collect`` waits for all of them), so a step's
     marks allocate nothing after the first step.
     """
 
-    def __init__(self, device_type: str = "cuda") -> None:
+    def __init__(self, device: torch.device | str = "cuda") -> None:
         super().__init__()
-        self._event_cls = torch.mps.Event if device_type == "mps" else torch.cuda.Event
+        self.device = torch.device(device)
         self._pool: list = []
+
+    def _new_event(self):
+        if self.device.type == "mps":
+            return torch.mps.Event(enable_timing=True)
+        return torch.cuda.Event(enable_timing=True)
+
+    def _record(self, event) -> None:
+        if self.device.type == "mps":
+            event.record()
+        else:
+            event.record(torch.cuda.current_stream(self.device))
 
     def _stamp(self):
         index = len(self._marks)
         if index == len(self._pool):
-            self._pool.append(self._event_cls(enable_timing=True))
+            self._pool.append(self._new_event())
         event = self._pool[index]
-        event.record()
+        self._record(event)
         return event
 
     def _wait(self, last) -> None:
@@ -120,10 +145,16 @@ class EventTimer(_StampTimer):
         return start.elapsed_time(end)
 
 
+def on_device(device: torch.device):
+    """Make a CUDA ``device`` the current one (kernels and events default to it); a no-op
+    context elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def make_timer(device: torch.device | str) -> PhaseTimer:
     """The correct timer for a device: device events on CUDA/MPS, ``perf_counter`` on CPU."""
-    device_type = torch.device(device).type
-    return EventTimer(device_type) if device_type in ("cuda", "mps") else PerfCounterTimer()
+    device = torch.device(device)
+    return EventTimer(device) if device.type in ("cuda", "mps") else PerfCounterTimer()
 
 
 # ------------------------------------------------------------------------------ the step

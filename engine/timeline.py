@@ -15,6 +15,12 @@ optimizer), and memory comes from
 
 Both give (time in ms since the step started, bytes allocated) samples; memory that is not
 a tensor (cuBLAS workspaces, the CUDA context) is not in either, as in ``peak_allocated_bytes``.
+
+On CUDA the time axis is the *host's*: the allocator records each allocation when the host
+issues it, long before the GPU runs the kernel (the timing illusion the pitfall page shows).
+So the samples are in allocation order on a host clock, the bands' edges are host marks on
+the same clock, and each band also carries ``gpu_ms``: how long the phase took on the GPU,
+from CUDA events recorded at the same marks. On the CPU both are the same clock.
 """
 from __future__ import annotations
 
@@ -22,32 +28,41 @@ import time
 import weakref
 
 from .config import BenchConfig
-from .step import PhaseTimer, build_step
+from .step import EventTimer, PhaseTimer, build_step, on_device
 from .worker import Outcome, call
+
+HOST_AXIS = "host time when each allocation was issued (ms since the step started); GPU time per phase is gpu_ms"
+WALL_AXIS = "ms since the step started"
 
 
 class _MarkRecorder(PhaseTimer):
-    """Keeps (phase, time ms) per mark, with an optional callback per mark (to sample)."""
+    """Keeps (phase, time ms) per mark, with an optional callback per mark (to sample) and an
+    optional device timer marked at the same boundaries."""
 
-    def __init__(self, clock_ms, on_mark=None):
+    def __init__(self, clock_ms, on_mark=None, device_timer: EventTimer | None = None):
         self.marks: list[tuple[str, float]] = []
         self._clock_ms = clock_ms
         self._on_mark = on_mark
+        self.device_timer = device_timer
 
     def mark(self, phase: str) -> None:
         if self._on_mark is not None:
             self._on_mark()
         self.marks.append((phase, self._clock_ms()))
+        if self.device_timer is not None:
+            self.device_timer.mark(phase)
 
 
-def _phase_bands(marks: list[tuple[str, float]], accum: int) -> list[dict]:
+def _phase_bands(marks: list[tuple[str, float]], accum: int, gpu_ms: list[float] | None = None) -> list[dict]:
     """Intervals between marks, each named after the mark that ends it; with accumulation
-    forward/backward carry their micro-batch number ("forward 2")."""
+    forward/backward carry their micro-batch number ("forward 2"). ``gpu_ms``: each
+    interval's duration on the device (CUDA), else the interval itself."""
     bands, seen = [], {}
-    for (_, start), (phase, end) in zip(marks, marks[1:]):
+    for i, ((_, start), (phase, end)) in enumerate(zip(marks, marks[1:])):
         seen[phase] = seen.get(phase, 0) + 1
         name = f"{phase} {seen[phase]}" if accum > 1 and phase != "optimizer" else phase
-        bands.append({"phase": name, "start_ms": start, "end_ms": end})
+        bands.append({"phase": name, "start_ms": start, "end_ms": end,
+                      "gpu_ms": gpu_ms[i] if gpu_ms is not None else end - start})
     return bands
 
 
@@ -115,27 +130,13 @@ def _record_cpu(step) -> tuple[list[float], list[int], list[tuple[str, float]]]:
 
 
 # ------------------------------------------------------------------------- CUDA
-def _record_cuda(step) -> tuple[list[float], list[int], list[tuple[str, float]]]:
-    import torch
-
-    device = step.device
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    torch.cuda.synchronize(device)
-    start_bytes = torch.cuda.memory_allocated(device)
-    # The allocator's trace times are host wall-clock microseconds (Unix epoch), so the
-    # phase marks use the same clock. No stack traces: they are the costly part.
-    recorder = _MarkRecorder(lambda: time.time_ns() / 1e6)
-    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", device=device)
-    try:
-        step.run(recorder)
-        torch.cuda.synchronize(device)
-        snapshot = torch.cuda.memory._snapshot(device)
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None, device=device)
-    trace = snapshot["device_traces"][index]
+def allocated_over_time(trace: list[dict], start_bytes: int, t0_ms: float) -> tuple[list[float], list[int]]:
+    """(ms since ``t0_ms``, bytes allocated) after each allocation and completed free of one
+    device's allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``), starting
+    from ``start_bytes``; other actions (segment maps, frees still pending on a stream) do
+    not change what is allocated."""
     if trace and "time_us" not in trace[0]:
         raise RuntimeError("this torch's CUDA memory history has no timestamps (time_us); it needs torch >= 2.1")
-    t0 = recorder.marks[0][1]
     times, values, current = [0.0], [start_bytes], start_bytes
     for entry in trace:
         if entry["action"] == "alloc":
@@ -144,19 +145,42 @@ def _record_cuda(step) -> tuple[list[float], list[int], list[tuple[str, float]]]
             current -= entry["size"]
         else:
             continue
-        times.append(entry["time_us"] / 1000.0 - t0)
+        times.append(entry["time_us"] / 1000.0 - t0_ms)
         values.append(current)
+    return times, values
+
+
+def _record_cuda(step) -> tuple[list[float], list[int], list[tuple[str, float]], list[float]]:
+    import torch
+
+    device = step.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.synchronize(device)
+    start_bytes = torch.cuda.memory_allocated(device)
+    # The allocator's trace times are host wall-clock microseconds (Unix epoch), so the
+    # phase marks use the same clock; CUDA events at the same marks time the phases on the
+    # GPU. No stack traces: they are the costly part.
+    recorder = _MarkRecorder(lambda: time.time_ns() / 1e6, device_timer=EventTimer(device))
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", device=device)
+    try:
+        step.run(recorder)
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    t0 = recorder.marks[0][1]
+    times, values = allocated_over_time(snapshot["device_traces"][index], start_bytes, t0)
     marks = [(phase, t - t0) for phase, t in recorder.marks]
-    return times, values, marks
+    return times, values, marks, recorder.device_timer.intervals()
 
 
 # ------------------------------------------------------------------------- public
 def record_timeline(config: BenchConfig) -> dict:
     """Memory over one optimizer step of ``config``, recorded in this process.
 
-    Returns config, device_type, source, t_ms and bytes (samples), phases (bands with
-    phase, start_ms, end_ms), baseline_bytes (before the step), peak_bytes, peak_ms and
-    peak_phase.
+    Returns config, device_type, source, time_axis (what t_ms means), t_ms and bytes
+    (samples), phases (bands with phase, start_ms, end_ms, gpu_ms), baseline_bytes (before
+    the step), peak_bytes, peak_ms and peak_phase.
     """
     step = build_step(config)
     # One step at least: optimizer state is created lazily by the first step, and a
@@ -164,12 +188,16 @@ def record_timeline(config: BenchConfig) -> dict:
     for _ in range(max(1, config.warmup)):
         step.run()
     if step.device.type == "cuda":
-        times, values, marks = _record_cuda(step)
+        with on_device(step.device):
+            times, values, marks, gpu_ms = _record_cuda(step)
         source = "CUDA caching-allocator history (torch.cuda.memory._record_memory_history)"
+        axis = HOST_AXIS
     else:
         times, values, marks = _record_cpu(step)
+        gpu_ms = None
         source = "CPU: live tensor storages, sampled after every operator (TorchDispatchMode)"
-    phases = _phase_bands(marks, config.accum)
+        axis = WALL_AXIS
+    phases = _phase_bands(marks, config.accum, gpu_ms)
     peak_i = max(range(len(values)), key=values.__getitem__)
     peak_ms = times[peak_i]
     peak_phase = next((b["phase"] for b in phases if b["start_ms"] <= peak_ms <= b["end_ms"]), None)
@@ -177,6 +205,7 @@ def record_timeline(config: BenchConfig) -> dict:
         "config": config.to_dict(),
         "device_type": step.device.type,
         "source": source,
+        "time_axis": axis,
         "t_ms": times,
         "bytes": values,
         "phases": phases,
@@ -205,11 +234,12 @@ def timelines(configs: list[BenchConfig], progress=None, cancel=None) -> Outcome
 
 
 def phase_peaks(record: dict) -> list[dict]:
-    """The highest and lowest allocated bytes within each phase band of a timeline."""
+    """The highest and lowest allocated bytes within each phase band of a timeline, and how
+    long the phase took on the device (``ms``: GPU time on CUDA, wall time on the CPU)."""
     rows = []
     for band in record["phases"]:
         inside = [v for t, v in zip(record["t_ms"], record["bytes"]) if band["start_ms"] <= t <= band["end_ms"]]
         if inside:
             rows.append({"phase": band["phase"], "max_bytes": max(inside), "min_bytes": min(inside),
-                         "ms": band["end_ms"] - band["start_ms"]})
+                         "ms": band.get("gpu_ms", band["end_ms"] - band["start_ms"])})
     return rows

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 from .config import GIB, BenchConfig
 from .devicelock import device_queue
+from . import devices
 from .devices import resolve_device
 from .progress import Progress, ProgressFn
 from .results import Result, classify_exception
@@ -127,8 +128,11 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(_ORPHAN_EXIT)
 
 
-def _child_main(conn, parent_pid: int) -> None:
+def _child_main(conn, parent_pid: int, visible_devices: str | None) -> None:
     _die_with_parent(parent_pid)
+    if visible_devices is not None:
+        # Before anything touches CUDA: this process sees exactly its one GPU, as cuda:0.
+        devices.pin_this_process(visible_devices)
     # The parent decides when a call stops: Ctrl-C in a terminal reaches the whole process
     # group, and the parent then kills this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -176,15 +180,24 @@ def _address_space_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+# The address-space guard under a CPU cap: far enough above the cap that the run is judged
+# on its tracked tensor peak (measure.py), close enough that a run far over it fails fast
+# instead of swapping the machine.
+_GUARD_FACTOR, _GUARD_SLACK = 2, 2 * GIB
+
+
 @contextlib.contextmanager
 def _cpu_memory_cap(config: BenchConfig, device: str):
-    """Cap further address-space growth at ``memory_cap_gib`` for the run (CPU only).
+    """A safety net under a CPU memory cap: address-space growth is limited to twice the
+    cap plus 2 GiB for the run (RLIMIT_AS, soft limit only, restored afterwards).
 
-    RLIMIT_AS bounds virtual memory, so allocations beyond the cap fail inside the
-    allocator and surface as an OOM exception instead of the kernel killing the process.
-    Only the soft limit changes: lowering and raising a soft limit up to the hard limit
-    needs no privilege, so the warm worker can restore it afterwards. (Virtual size
-    over-counts reserved-but-untouched pages, so the cap errs on the strict side.)
+    The cap itself is judged on the run's tracked tensor peak, the figure it reports as
+    ``peak_allocated_bytes`` (counters.check_cpu_cap): the address space over-counts
+    (allocator arenas, thread stacks, reserved-but-untouched pages), so judging on it made
+    "0.5 GiB" mean about 330 MiB of tensors. Allocations beyond the guard fail inside the
+    allocator and surface as an OOM exception instead of the kernel killing the process;
+    lowering and raising a soft limit up to the hard limit needs no privilege, so the warm
+    worker can restore it.
     """
     if config.memory_cap_gib is None or device != "cpu":
         yield
@@ -192,7 +205,7 @@ def _cpu_memory_cap(config: BenchConfig, device: str):
     if not os.path.exists("/proc/self/statm"):
         raise RuntimeError("a CPU memory cap needs Linux (it measures the address space in /proc)")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _address_space_bytes() + int(config.memory_cap_gib * GIB)
+    limit = _address_space_bytes() + int(_GUARD_FACTOR * config.memory_cap_gib * GIB + _GUARD_SLACK)
     for existing in (soft, hard):
         if existing != resource.RLIM_INFINITY:
             limit = min(limit, existing)
@@ -225,7 +238,7 @@ def benchmark_in_worker(config: BenchConfig, sweep_id: str | None, channel: Chan
     # Built outside the cap, so reporting an OOM never itself runs out of memory.
     if failure is not None:
         status, message = failure
-        if status == "oom" and config.memory_cap_gib is not None and device == "cpu":
+        if status == "oom" and config.memory_cap_gib is not None and device == "cpu" and "memory cap" not in message:
             message += f" (CPU memory cap: {config.memory_cap_gib:g} GiB)"
         result = Result.new(config, status, env, error=message)
     return result.replace(sweep_id=sweep_id)
@@ -250,9 +263,14 @@ def _fallback_env(device: str) -> dict:
 
 
 class Worker:
-    """One warm worker process, reused between calls and replaced after any failure."""
+    """One warm worker process, reused between calls and replaced after any failure.
 
-    def __init__(self) -> None:
+    ``visible_devices``: the CUDA_VISIBLE_DEVICES value its processes get (one GPU's UUID),
+    or None for a CPU/MPS worker.
+    """
+
+    def __init__(self, visible_devices: str | None = None) -> None:
+        self._visible_devices = visible_devices
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
@@ -290,7 +308,7 @@ class Worker:
         try:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled before it started")
-            with device_queue(device, on_wait) as ticket, self._lock:
+            with device_queue(devices.device_key(device), on_wait) as ticket, self._lock:
                 return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, ticket)
         except _Stop as stop:
             return Outcome(stop.status, error=stop.message)
@@ -349,8 +367,8 @@ class Worker:
 
     def _spawn(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, os.getpid()), name="tradeoff-lab-worker",
-                                       daemon=True)
+        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, os.getpid(), self._visible_devices),
+                                       name="tradeoff-lab-worker", daemon=True)
         _starter.submit(self._proc.start).result()
         child_conn.close()  # only the child holds its end, so its death reads as EOF here
         self._conn = parent_conn
@@ -417,12 +435,13 @@ _shared_lock = threading.Lock()
 
 
 def shared_worker(device: str) -> Worker:
-    """The process-wide warm worker for a device."""
-    device = resolve_device(device)
+    """The process-wide warm worker of a physical device (``auto``, ``cuda`` and ``cuda:0`` are
+    one GPU and share one worker)."""
+    key = devices.device_key(device)
     with _shared_lock:
-        if device not in _shared:
-            _shared[device] = Worker()
-        return _shared[device]
+        if key not in _shared:
+            _shared[key] = Worker(devices.visible_devices_for(device))
+        return _shared[key]
 
 
 def run(config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,

@@ -100,6 +100,17 @@ def big_alloc():
     return _BigAlloc(), _make_batch
 
 
+class _HugeAlloc(_Tiny):
+    def forward(self, x, y):
+        torch.empty(8 * BIG_ALLOC_BYTES, dtype=torch.uint8, device=x.device)  # unfilled: costs no RAM
+        return super().forward(x, y)
+
+
+def huge_alloc():
+    """Asks for 8 GiB in every forward: past the address-space guard of a small CPU cap."""
+    return _HugeAlloc(), _make_batch
+
+
 class _SleepInBackward(torch.autograd.Function):
     """Identity in forward; sleeps SLEEP_S in backward (host time, visible on any device)."""
 

@@ -50,11 +50,20 @@ def test_cpu_attention_kernel_is_counted():
         ("Tesla V100-SXM2-16GB", "fp16", False, 125.0),
         ("Tesla V100-PCIE-32GB", "fp16", False, 112.0),
         ("Tesla V100S-PCIE-32GB", "fp32", False, 16.4),
+        ("NVIDIA L40S", "bf16", False, 362.05),
+        ("NVIDIA L40S", "fp32", True, 183.0),
+        ("NVIDIA GeForce RTX 4090", "bf16", False, 165.2),
+        ("NVIDIA GeForce RTX 4090", "fp32", False, 82.6),
+        ("NVIDIA B200", "bf16", False, 2250.0),
         # no row, or no figure for that precision: unknown, never a guess
         ("Tesla V100-SXM2-16GB", "bf16", False, None),
         ("NVIDIA GH200 480GB", "bf16", False, None),
-        ("NVIDIA L40S", "bf16", False, None),
-        ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+        ("NVIDIA H800", "bf16", False, None),
+        ("NVIDIA H20", "bf16", False, None),
+        ("NVIDIA GeForce RTX 5090", "bf16", False, None),
+        # a MIG slice has a fraction of the GPU's SMs: the whole GPU's peak would be wrong
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False, None),
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "bf16", False, None),
         ("AMD EPYC 7763", "fp32", False, None),
         ("NVIDIA H100 80GB HBM3", "fp32", None, None),
     ],
@@ -89,3 +98,35 @@ def test_fp32_tf32_decision():
         assert flops.fp32_uses_tf32(gpt) is True and flops.fp32_uses_tf32(cnn) is True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def build_tf32_model():
+    """A user model that enables TF32 the way torch recommends (the fp32_precision API)."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    model, make_batch = models.build("gpt-tiny", TINY)
+    return model, make_batch
+
+
+def test_tf32_is_read_through_the_new_api_without_mixing_apis():
+    gpt, _ = models.build("gpt-tiny", TINY)
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.backends.cuda.matmul.allow_tf32  # what the old reading did: it raised
+        assert flops.fp32_uses_tf32(gpt) is True
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert flops.fp32_uses_tf32(gpt) is False
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+def test_an_fp32_run_of_a_model_that_enables_tf32_the_new_way_is_ok():
+    from engine import BenchConfig
+    from engine.measure import run_benchmark
+
+    try:
+        result = run_benchmark(BenchConfig(model="tests.test_flops:build_tf32_model", batch=2, warmup=1, steps=2,
+                                           device="cpu"))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+    assert result.status == "ok"

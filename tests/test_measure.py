@@ -139,33 +139,12 @@ GPU_TINY = {"n_layers": 2, "seq_len": 128, "d_model": 128, "n_heads": 4, "vocab"
 
 @pytest.mark.gpu
 def test_peak_allocated_matches_hand_written_loop():
-    from engine import models
+    from engine.selfcheck import hand_loop_peak
 
     config = BenchConfig(model="gpt-tiny", overrides=GPU_TINY, batch=8, warmup=2, steps=4, device="cuda")
     engine_peak = run_benchmark(config).metrics.peak_allocated_bytes
-
     torch.cuda.empty_cache()
-    device = torch.device("cuda")
-    torch.manual_seed(config.seed)
-    with device:
-        model, make_batch = models.build("gpt-tiny", GPU_TINY)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    batch = make_batch(config.batch, device)
-
-    def one_step():
-        model(*batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(config.warmup):
-        one_step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(config.steps):
-        one_step()
-    torch.cuda.synchronize()
-    reference_peak = torch.cuda.max_memory_allocated()
-    assert abs(engine_peak - reference_peak) <= 2**20
+    assert abs(engine_peak - hand_loop_peak(config)) <= 2**20
 
 
 @pytest.mark.gpu
@@ -182,48 +161,15 @@ def test_cuda_result_has_allocator_figures_and_events_timing():
     assert (m.mfu is not None) == (peak_row(result.env.device_name) is not None)
 
 
-class _GpuBusyBackward(torch.autograd.Function):
-    """Backward keeps the GPU busy for ``cycles`` clock cycles; the host returns at once."""
-
-    cycles = 0
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        torch.cuda._sleep(_GpuBusyBackward.cycles)
-        return grad
-
-
-class GpuBusyBackward(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 1)
-
-    def forward(self, x):
-        return _GpuBusyBackward.apply(self.fc(x)).sum()
-
-
-def build_gpu_busy():
-    return GpuBusyBackward(), lambda batch_size, device: (torch.randn(batch_size, 8, device=device),)
-
-
 @pytest.mark.gpu
 def test_cuda_backward_work_is_attributed_to_backward():
-    # Calibrate cycles for ~50 ms of GPU time. Host timing would put this time wherever the
+    # 50 ms of calibrated GPU work in backward. Host timing would put this time wherever the
     # host first waits for the GPU; CUDA events put it in backward, where the GPU spends it.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    _GpuBusyBackward.cycles = int(10_000_000 * 50.0 / start.elapsed_time(end))
+    from engine.selfcheck import SLEEP_MS
 
-    config = BenchConfig(model="tests.test_measure:build_gpu_busy", batch=4, warmup=1, steps=3, device="cuda")
+    config = BenchConfig(model="engine.selfcheck:sleepy_backward", batch=4, warmup=1, steps=3, device="cuda")
     m = run_benchmark(config).metrics
-    assert m.backward_ms.median >= 45
+    assert m.backward_ms.median >= 0.9 * SLEEP_MS
     assert m.forward_ms.median < 10
 
 

@@ -115,7 +115,20 @@ def test_cpu_memory_cap_gives_oom_and_a_warm_worker_gets_its_limit_back(worker):
     assert worker.pid == pid
     result = worker.run(helper("big_alloc", memory_cap_gib=0.25))
     assert result.status == "oom"
+    assert "peak tensor memory 1.000 GiB exceeds the CPU memory cap of 0.25 GiB" in result.error
+    # Far past the cap, the address-space guard stops the allocation itself.
+    result = worker.run(helper("huge_alloc", memory_cap_gib=0.25))
+    assert result.status == "oom"
     assert "can't allocate memory" in result.error and "CPU memory cap: 0.25 GiB" in result.error
+
+
+def test_a_cpu_cap_means_the_peak_the_run_reports(worker):
+    # The cap and the reported peak are one figure: a cap just above a run's peak lets it
+    # run, just below it is out of memory.
+    peak = _ok(worker, TINY).metrics.peak_allocated_bytes
+    assert _ok(worker, TINY.replace(memory_cap_gib=peak * 1.02 / 2**30)).metrics.peak_allocated_bytes == peak
+    below = worker.run(TINY.replace(memory_cap_gib=peak * 0.98 / 2**30))
+    assert below.status == "oom" and "exceeds the CPU memory cap" in below.error
 
 
 def test_memory_cap_context_restores_the_soft_limit():

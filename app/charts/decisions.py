@@ -173,11 +173,14 @@ def build_memory_timeline(records: list[dict]) -> go.Figure:
             fig.add_bar(name=phase, legendgroup=phase, showlegend=phase not in shown, orientation="h",
                         y=[label], base=[band["start_ms"]], x=[band["end_ms"] - band["start_ms"]],
                         marker_color=PHASE_COLORS.get(phase, CAPACITY_COLOR), row=2, col=1,
-                        hovertemplate=f"{band['phase']}: %{{base:.2f}}–{band['end_ms']:.2f} ms<extra>{label}</extra>")
+                        hovertemplate=f"{band['phase']}: %{{base:.2f}}–{band['end_ms']:.2f} ms, "
+                                      f"{band.get('gpu_ms', band['end_ms'] - band['start_ms']):.2f} ms on the device"
+                                      f"<extra>{label}</extra>")
             shown.add(phase)
     fig.update_yaxes(title_text=f"allocated ({unit})", row=1, col=1)
     fig.update_yaxes(showticklabels=len(records) > 1, row=2, col=1)
-    fig.update_xaxes(title_text="ms since the step started", row=2, col=1)
+    # On CUDA the samples are host time (allocation order), not GPU time: the record says so.
+    fig.update_xaxes(title_text=records[0].get("time_axis", "ms since the step started"), row=2, col=1)
     # Taller than the other charts: the phase strips take room from the plot.
     return layout(fig, TIMELINE_TITLE, legend="below", barmode="overlay", height=CHART_HEIGHT + 80)
 

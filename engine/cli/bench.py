@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ConfigError, check_runnable
+from ..config import BenchConfig, ConfigError, check_runnable
 from ..results import SQLITE_MAGIC, decode_results
-from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, fmt_bytes,
-                     format_table, grid_from_args, result_sinks, warn_notes)
+from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, emit_json,
+                     fmt_bytes, format_table, grid_from_args, result_sinks, table, warn_notes)
 
 
 def _checked_and_warming(configs: list, args: argparse.Namespace) -> None:
@@ -63,20 +63,37 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_devices(args: argparse.Namespace) -> int:
     from .. import nvml
-    from ..devices import cpu_model_name, resolve_device
+    from ..devices import cpu_model_name, gpu_label, gpus, resolve_device
 
-    gpus = nvml.list_gpus()
-    for gpu in gpus:
+    found = gpus()
+    for gpu in found:
         used, total = fmt_bytes(gpu["memory_used_bytes"]), fmt_bytes(gpu["memory_total_bytes"])
         util = f"{gpu['utilization_pct']}%" if gpu["utilization_pct"] is not None else "-"
-        print(f"GPU {gpu['index']}  {gpu['name']}  memory {used} / {total}  utilisation {util}  "
+        print(f"GPU {gpu_label(gpu)}  {gpu['name']}  {gpu['uuid'] or '-'}  memory {used} / {total}  utilisation {util}  "
               f"driver {gpu['driver'] or '-'}  CUDA {gpu['cuda'] or '-'}")
-    if not gpus:
+    if not found:
         print(nvml.unavailable_reason() or "No NVIDIA GPU found")
     device = resolve_device("auto")
     detail = f" ({cpu_model_name()})" if device == "cpu" else ""
     print(f"Benchmarks with --device auto run on: {device}{detail}")
     return 0
+
+
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    from ..config import FIELDS_BY_NAME
+    from ..selfcheck import run_selfcheck
+
+    device = FIELDS_BY_NAME["device"].parse(args.device)
+    check_runnable(BenchConfig(device=device, warmup=2))
+    checks = run_selfcheck(device, None if args.json else ProgressPrinter())
+    if args.json:
+        emit_json({"checks": [check.to_dict() for check in checks]})
+    else:
+        print(table(("check", "expected", "measured", "result"),
+                    [(c.name, c.expected, c.measured, c.status + (f" ({c.reason})" if c.reason else "")) for c in checks]))
+        print(", ".join(f"{sum(c.status == status for c in checks)} {status}ed" if status != "skip" else
+                        f"{sum(c.status == 'skip' for c in checks)} skipped" for status in ("pass", "fail", "skip")))
+    return 1 if any(c.status == "fail" for c in checks) else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -115,6 +132,16 @@ def register(subparsers) -> None:
 
     devices = subparsers.add_parser("devices", help="list NVIDIA GPUs and the device --device auto uses")
     devices.set_defaults(func=_cmd_devices)
+
+    selfcheck = subparsers.add_parser(
+        "selfcheck", help="check the tool's own measurements on this hardware (run this first on a new GPU machine)",
+        description="Timing attribution, the timing illusion, peak memory against an independent count, the memory "
+                    "cap, no host synchronisation in a timed step, warm vs fresh worker, gradient equivalence and the "
+                    "peak-FLOPs table, each as pass/fail/skip. Exit code 1 when a check fails.")
+    selfcheck.add_argument("--device", default="auto", help="device to check: auto, cpu, cuda, cuda:N, mps (default auto)")
+    selfcheck.add_argument("--json", action="store_true",
+                           help='print {"checks": [{"name", "status", "expected", "measured", "reason"}]}')
+    selfcheck.set_defaults(func=_cmd_selfcheck)
 
     show = subparsers.add_parser("show", help="print a results file (JSON Lines) as a table (a database: use list)")
     show.add_argument("file", metavar="FILE")
