@@ -30,8 +30,10 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     st.caption(f"Doubles the micro-batch until a run does not fit (out of memory, or less than {margin:.0%} of "
                "the memory left free), then binary-searches; every trial is a real run in the worker and is stored.")
     left, middle, right = st.columns(3)
-    max_batch = left.number_input("Largest batch to try", min_value=1, value=256, step=1, key=f"{key}.max")
-    limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key=f"{key}.limit")
+    max_batch = left.number_input("Largest batch to try", min_value=1, value=finder.DEFAULT_MAX_BATCH, step=1,
+                                  key=f"{key}.max")
+    limit = middle.number_input("Time limit (s)", min_value=10, value=int(finder.DEFAULT_TIME_LIMIT_S), step=60,
+                                key=f"{key}.limit")
 
     def find(progress, on_result, cancel) -> dict:
         return finder.find_batch(config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit),
@@ -49,7 +51,8 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     columns[2].metric("Memory budget", gib(report["budget_bytes"]),
                       help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
     if report["stopped"]:
-        st.warning(f"Stopped early: {report['stopped']}")
+        bound = largest is not None and not report["exact"]
+        st.warning(f"{'A lower bound, not the answer' if bound else 'Stopped early'}: {report['stopped']}")
     ui.show_chart(decisions.build_finder_trials(report), key=f"{key}.chart")
     st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
 
