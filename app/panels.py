@@ -8,7 +8,7 @@ import streamlit as st
 from app import ui
 from app.charts import decisions
 from app.tasks import Task, task_button
-from engine import finder, numerics
+from engine import finder, gains
 from engine.config import GIB, BenchConfig
 from engine.results import Result
 from engine.store import Store
@@ -57,17 +57,19 @@ def find_batch_panel(config: BenchConfig, margin: float, store: Store, key: str)
     st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
 
 
-def numerical_cost_panel(runs: list[Result], key: str) -> None:
+def numerical_cost_panel(runs: list[Result], candidates: list[Result], key: str) -> None:
     """What each saving costs: grad_rel_diff against the fp32 / no-checkpointing baseline,
-    beside its speed-up and memory saving, fp16 loss scale, skipped steps and energy."""
-    rows = numerics.cost_rows(runs)
+    beside its speed-up and memory saving against its baseline run (chosen among
+    ``candidates``, every stored run, so the number is the same on every page), fp16 loss
+    scale, skipped steps and energy."""
+    rows = gains.gain_rows(runs, candidates)
     if not rows:
         st.info("None of these runs finished, so there is no cost to show.")
         return
     st.caption("The price of each saving: ‖g − g_ref‖/‖g_ref‖ of the first step against the fp32, no-checkpointing "
-               "run of the same seed, beside the speed-up and memory saving against a measured fp32 run "
-               "(same batch and accumulation), fp16 loss scale, skipped steps and energy (where NVML reports it; "
-               "empty means unknown).")
+               "run of the same seed, beside the speed-up and memory saving against the baseline named in each row "
+               "(the fastest fp32, no-checkpointing run of the same model, environment and effective batch), fp16 "
+               "loss scale, skipped steps and energy (where NVML reports it; empty means unknown).")
     if any(r["grad_rel_diff"] is not None for r in rows):
         ui.show_chart(decisions.build_numerical_cost(rows, runs), key=f"{key}.chart")
     else:
@@ -76,7 +78,7 @@ def numerical_cost_panel(runs: list[Result], key: str) -> None:
         "config": r["config"].describe(with_model=False), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
         "peak": gib(r["peak_allocated_bytes"]), "memory saved %": percent(r["memory_saving"]),
         "grad_rel_diff": r["grad_rel_diff"], "loss scale": r["loss_scale"], "skipped steps": r["skipped_steps"],
-        "J/sample": r["energy_j_per_sample"],
+        "J/sample": r["energy_j_per_sample"], "baseline": r["baseline"],
     } for r in rows]), hide_index=True, column_config={
         "speed-up": st.column_config.NumberColumn(format="%.2f×"),
         "memory saved %": st.column_config.NumberColumn(format="%+.1f %%"),

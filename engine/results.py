@@ -227,6 +227,13 @@ class Result:
         return self.status == "ok"
 
     @property
+    def environment(self) -> tuple:
+        """What must match for two runs' numbers to be compared: the hardware and software
+        that measured them."""
+        e = self.env
+        return (e.device_type, e.device_name, e.cpu, e.torch, e.cuda, e.driver)
+
+    @property
     def memory_limit_bytes(self) -> float | None:
         """The memory this run was allowed: its memory cap, else its device's capacity."""
         return memory_limit_bytes(self.config.memory_cap_gib, self.env.capacity_bytes)

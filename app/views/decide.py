@@ -171,6 +171,6 @@ with tabs[4]:
 with tabs[5]:
     runs = store.list(model=config.model, status="ok")
     if runs:
-        numerical_cost_panel(runs, key="decide.numerics")
+        numerical_cost_panel(runs, runs, key="decide.numerics")
     else:
         st.info(f"No ok runs of {config.model} stored yet.")
