@@ -8,7 +8,7 @@ import streamlit as st
 from app import form, storage, ui
 from app.charts import decisions
 from app.tasks import Task, task_button
-from engine import finder, numerics
+from engine import finder, gains
 from engine.config import GIB, BenchConfig
 from engine.results import Result
 
@@ -31,9 +31,10 @@ def find_batch_panel(config: BenchConfig, margin: float, key: str) -> None:
     left, middle, right = st.columns(3)
     most = form.server_limit("batch")
     most = None if most is None else max(int(most), 1)
-    max_batch = left.number_input("Largest batch to try", min_value=1, value=min(256, most or 256), step=1,
-                                  key=f"{key}.max", max_value=most)
-    limit = middle.number_input("Time limit (s)", min_value=10, value=600, step=60, key=f"{key}.limit")
+    max_batch = left.number_input("Largest batch to try", min_value=1, step=1, key=f"{key}.max", max_value=most,
+                                  value=min(finder.DEFAULT_MAX_BATCH, most or finder.DEFAULT_MAX_BATCH))
+    limit = middle.number_input("Time limit (s)", min_value=10, value=int(finder.DEFAULT_TIME_LIMIT_S), step=60,
+                                key=f"{key}.limit")
 
     def find(progress, on_result, cancel) -> dict:
         return finder.find_batch(config, max_batch=int(max_batch), margin=margin, time_limit_s=float(limit),
@@ -52,22 +53,25 @@ def find_batch_panel(config: BenchConfig, margin: float, key: str) -> None:
     columns[2].metric("Memory budget", gib(report["budget_bytes"]),
                       help=f"{1 - report['margin']:.0%} of {gib(report['capacity_bytes'])}")
     if report["stopped"]:
-        st.warning(f"Stopped early: {ui.plain(report['stopped'])}")
+        bound = largest is not None and not report["exact"]
+        st.warning(f"{'A lower bound, not the answer' if bound else 'Stopped early'}: {ui.plain(report['stopped'])}")
     ui.show_chart(decisions.build_finder_trials(report), key=f"{key}.chart")
     st.dataframe(pd.DataFrame(report["trials"]).drop(columns=["result_id"]), hide_index=True)
 
 
-def numerical_cost_panel(runs: list[Result], key: str) -> None:
+def numerical_cost_panel(runs: list[Result], candidates: list[Result], key: str) -> None:
     """What each saving costs: grad_rel_diff against the fp32 / no-checkpointing baseline,
-    beside its speed-up and memory saving, fp16 loss scale, skipped steps and energy."""
-    rows = numerics.cost_rows(runs)
+    beside its speed-up and memory saving against its baseline run (chosen among
+    ``candidates``, every stored run, so the number is the same on every page), fp16 loss
+    scale, skipped steps and energy."""
+    rows = gains.gain_rows(runs, candidates)
     if not rows:
         st.info("None of these runs finished, so there is no cost to show.")
         return
     st.caption("The price of each saving: ‖g − g_ref‖/‖g_ref‖ of the first step against the fp32, no-checkpointing "
-               "run of the same seed, beside the speed-up and memory saving against a measured fp32 run "
-               "(same batch and accumulation), fp16 loss scale, skipped steps and energy (where NVML reports it; "
-               "empty means unknown).")
+               "run of the same seed, beside the speed-up and memory saving against the baseline named in each row "
+               "(the fastest fp32, no-checkpointing run of the same model, environment and effective batch), fp16 "
+               "loss scale, skipped steps and energy (where NVML reports it; empty means unknown).")
     if any(r["grad_rel_diff"] is not None for r in rows):
         ui.show_chart(decisions.build_numerical_cost(rows, runs), key=f"{key}.chart")
     else:
@@ -76,7 +80,7 @@ def numerical_cost_panel(runs: list[Result], key: str) -> None:
         "config": r["config"].describe(with_model=False), "samples/s": r["samples_per_s"], "speed-up": r["speedup"],
         "peak": gib(r["peak_allocated_bytes"]), "memory saved %": percent(r["memory_saving"]),
         "grad_rel_diff": r["grad_rel_diff"], "loss scale": r["loss_scale"], "skipped steps": r["skipped_steps"],
-        "J/sample": r["energy_j_per_sample"],
+        "J/sample": r["energy_j_per_sample"], "baseline": r["baseline"],
     } for r in rows]), hide_index=True, column_config={
         "speed-up": st.column_config.NumberColumn(format="%.2f×"),
         "memory saved %": st.column_config.NumberColumn(format="%+.1f %%"),

@@ -1,6 +1,7 @@
 """Activation-checkpointing policies as strategy objects applied to a model's blocks.
 
-Every policy wraps some of ``models.find_blocks(model)`` in a ``CheckpointedBlock`` that runs
+Every policy wraps some of the blocks ``models.find_blocks`` finds (every stage of a staged
+model, or the user's ``--blocks``) in a ``CheckpointedBlock`` that runs
 the block under non-reentrant ``torch.utils.checkpoint`` (the reentrant variant is being
 deprecated, does not work with ``torch.autograd.grad`` and needs an input that requires
 grad; the non-reentrant one also stops recomputing as soon as backward has what it needs). The wrapped blocks keep
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as torch_ckpt
 
 from . import models
+from .results import Checkpointed
 
 
 class CheckpointedBlock(nn.Module):
@@ -38,6 +40,9 @@ class CheckpointedBlock(nn.Module):
 
     def _context_fn(self):
         forward_ctx, recompute_ctx = self.policy_context_fn()
+        # A recompute reruns BatchNorm's forward: without this its running statistics would
+        # be updated twice per micro-batch.
+        recompute_ctx = _nested(_batch_norm_stats_frozen(self.block), recompute_ctx)
         if self.recompute_observer is None:
             return forward_ctx, recompute_ctx
         return forward_ctx, _nested(self.recompute_observer(), recompute_ctx)
@@ -55,6 +60,26 @@ def _nested(outer: ContextManager, inner: ContextManager) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _batch_norm_stats_frozen(block: nn.Module) -> Iterator[None]:
+    """While active, the block's BatchNorm layers run exactly as in the original forward
+    (batch statistics, the same saved tensors, which checkpoint's recompute must match) but
+    leave their running statistics as they are: momentum 0 makes the update an identity, and
+    the batch counter is put back."""
+    layers = [m for m in block.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, (momentum, count) in zip(layers, saved):
+            layer.momentum = momentum
+            if count is not None:
+                layer.num_batches_tracked.copy_(count)
+
+
+@contextlib.contextmanager
 def observe_recompute(model: nn.Module, make_context: Callable[[], ContextManager]) -> Iterator[None]:
     """While active, every recompute of a checkpointed block in ``model`` runs inside a fresh
     ``make_context()`` (e.g. a FLOP counter for the recompute alone)."""
@@ -69,7 +94,7 @@ def observe_recompute(model: nn.Module, make_context: Callable[[], ContextManage
 
 
 class CheckpointPolicy:
-    """Base policy: ``apply(model)`` wraps the blocks ``selects(i, n)`` picks; returns the model."""
+    """Base policy: ``apply(model)`` wraps the blocks ``selects(i, n)`` picks."""
 
     name = "none"
 
@@ -81,20 +106,25 @@ class CheckpointPolicy:
         """``context_fn`` for ``torch.utils.checkpoint`` (None: save nothing inside the block)."""
         return None
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Wrap the selected blocks of ``model`` in place; raises ValueError if it has no blocks."""
+    def apply(self, model: nn.Module, patterns: str | None = None) -> Checkpointed | None:
+        """Wrap the selected blocks of ``model`` in place (``patterns``: the user's ``--blocks``);
+        returns what was wrapped (None for no checkpointing). Raises ValueError if the model
+        has no blocks."""
         if self.name == "none":
-            return model
-        blocks = models.find_blocks(model)
+            return None
+        blocks = models.find_blocks(model, patterns)
         if blocks is None:
             raise ValueError(
-                f"checkpointing {self.name!r} needs repeated blocks: give the model a `blocks` "
-                "nn.ModuleList (or a list of same-class modules)"
-            )
-        for i in range(len(blocks)):
-            if self.selects(i, len(blocks)):
-                blocks[i] = CheckpointedBlock(blocks[i], self.context_fn())
-        return model
+                f"checkpointing {self.name!r} found no blocks" + (f" matching --blocks {patterns!r}" if patterns else
+                ": give the model a `blocks` nn.ModuleList, or name its blocks with --blocks"))
+        chosen = [i for i in range(len(blocks.paths)) if self.selects(i, len(blocks.paths))]
+        for i in chosen:
+            parent_path, _, name = blocks.paths[i].rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, name, CheckpointedBlock(blocks.modules[i], self.context_fn()))
+        wrapped = [blocks.modules[i] for i in chosen]
+        return Checkpointed(len(chosen), len(blocks.paths), tuple(blocks.classes), models.param_share(model, wrapped),
+                            blocks.source, tuple(blocks.paths[i] for i in chosen))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

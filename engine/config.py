@@ -64,7 +64,7 @@ class FieldSpec:
     step: float | None = None  # a form's increment
     sweep: str = ""  # values a newly picked sweep axis starts with (comma list); empty: not a sweep axis
     choice_words: dict[str, str] = field(default_factory=dict)  # choice -> how a form shows it
-    applies_when: tuple[str, str] | None = None  # (field, value) under which this field matters
+    applies_when: tuple[str, tuple] | None = None  # (field, values) under which this field matters
     check: Callable[["BenchConfig"], None] | None = None  # extra value check of the whole config
     allowed: str = ""  # what a free-text field allows, in words
 
@@ -129,6 +129,16 @@ def _check_warmup(config: "BenchConfig") -> None:
                           + ("; GradScaler calibrates its loss scale" if config.precision == "fp16" else "") + ")")
 
 
+_BLOCKS_ALLOWED = "module paths or fnmatch patterns separated by spaces (letters, digits, _ . * ? [ ] -), or none"
+_BLOCKS_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]\- ]{1,500}$")
+
+
+def _check_blocks(config: "BenchConfig") -> None:
+    blocks = config.blocks
+    if blocks is not None and (not isinstance(blocks, str) or not _BLOCKS_PATTERN.match(blocks) or not blocks.split()):
+        raise ConfigError("blocks", blocks, _BLOCKS_ALLOWED)
+
+
 def _check_int(name: str, value: Any, minimum: float | None, maximum: float | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
@@ -150,7 +160,12 @@ class BenchConfig:
     ckpt: CkptPolicy = setting("none", label="Activation checkpointing", help="activation checkpointing policy",
                                sweep="none,full")
     k: int = setting(2, label="k (checkpoint every k-th block)", help="for --ckpt every-k: checkpoint every k-th block",
-                     minimum=1, sweep="2,4", applies_when=("ckpt", "every-k"))
+                     minimum=1, sweep="2,4", applies_when=("ckpt", ("every-k",)))
+    blocks: str | None = setting(None, label="Blocks to checkpoint",
+                                 help="the blocks checkpointing wraps: module paths or patterns, space-separated "
+                                      "(e.g. 'layer*.*'); empty: found automatically",
+                                 allowed=_BLOCKS_ALLOWED, check=_check_blocks,
+                                 applies_when=("ckpt", ("full", "every-k", "selective")))
     optimizer: Optimizer = setting("adamw", label="Optimizer", help="optimizer", sweep="adamw,sgd")
     warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
                           minimum=0, check=_check_warmup)
@@ -267,6 +282,8 @@ class ConfigField:
                 raise ConfigError(self.name, value, self.allowed())
         elif self.kind is int:
             _check_int(self.name, value, self.spec.minimum, self.spec.maximum if self.spec.maximum is not None else _INT_LIMIT)
+        elif self.kind is str and not isinstance(value, str):
+            raise ConfigError(self.name, value, self.allowed())
         elif self.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not self._in_range(value):
@@ -313,9 +330,9 @@ class ConfigField:
         """Whether this field matters for ``config`` (``k`` only with every-k checkpointing)."""
         if self.spec.applies_when is None:
             return True
-        other, value = self.spec.applies_when
+        other, values = self.spec.applies_when
         current = config.get(other) if isinstance(config, dict) else getattr(config, other)
-        return current == value
+        return current in values
 
 
 def _config_fields() -> tuple[ConfigField, ...]:

@@ -26,6 +26,9 @@ from .results import Result
 from .worker import run
 
 Runner = Callable[..., Result]
+# The search's defaults, the same on the command line and in the dashboard.
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_TIME_LIMIT_S = 600.0
 
 
 def _trial(result: Result, budget: float | None) -> dict:
@@ -44,10 +47,10 @@ def _trial(result: Result, budget: float | None) -> dict:
 
 def find_batch(
     config: BenchConfig,
-    max_batch: int = 1024,
+    max_batch: int = DEFAULT_MAX_BATCH,
     margin: float = DEFAULT_MARGIN,
-    time_limit_s: float | None = None,
-    runner: Runner = run,
+    time_limit_s: float | None = DEFAULT_TIME_LIMIT_S,
+    runner: Runner | None = None,
     progress: ProgressFn | None = None,
     on_result: Callable[[Result], None] | None = None,
     cancel: threading.Event | None = None,
@@ -56,7 +59,7 @@ def find_batch(
     """Search the largest fitting micro-batch of ``config`` in ``[1, max_batch]``.
 
     ``runner(config, progress, cancel, sweep_id=...)`` runs one trial and returns its
-    result (the warm worker by default; tests inject others); all trials share a sweep id. ``time_limit_s`` bounds the whole search: each
+    result (the warm worker, ``worker.run``, by default; tests inject others); all trials share a sweep id. ``time_limit_s`` bounds the whole search: each
     trial's timeout is cut to the time left, and no trial starts after it. ``progress``
     gets the worker's events with ``trial`` (1-based) and ``batch`` added, ``on_result``
     each trial's full result (to store it).
@@ -66,9 +69,10 @@ def find_batch(
     ``budget_bytes``, ``margin``, ``limit`` (the max_batch asked for), ``trials`` (batch,
     status, fits, peak_allocated_bytes, samples_per_s, result_id, error, in run order),
     ``stopped`` (why the search ended early, or None) and ``exact`` (whether the largest
-    fitting batch is pinned down: the next batch up was tried and did not fit, or the
-    limit itself fits).
+    fitting batch is pinned down: the next batch up was tried and did not fit; a search
+    stopped by its batch or time limit gives a lower bound, ``exact`` False).
     """
+    runner = runner or run
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max batch must be an integer >= 1, got {max_batch!r}")
     capacity = device_memory_limit(config)
@@ -121,6 +125,7 @@ def find_batch(
             break
         lo = batch
         if batch == max_batch:
+            stopped = f"search limit reached: batch {max_batch} fits and no larger batch was tried"
             break
         batch = min(batch * 2, max_batch)
     # Binary search between them.
@@ -143,7 +148,9 @@ def find_batch(
         "budget_bytes": budget,
         "margin": margin,
         "limit": max_batch,
-        "exact": lo is not None and (lo == max_batch or (hi is not None and hi - lo == 1)),
+        # Pinned down only when the next batch up was tried and did not fit: a search that
+        # ended at its own limit or in time has a lower bound, not an answer.
+        "exact": lo is not None and hi is not None and hi - lo == 1,
         "stopped": stopped,
         "trials": trials,
     }

@@ -71,21 +71,48 @@ def pareto_frontier(results: Iterable[Result]) -> list[Result]:
 
 
 # ------------------------------------------------------------------------- recommender
+def throughput_range(result: Result) -> tuple[float, float]:
+    """The run's samples/s from its slow (p90) to its fast (p10) step."""
+    m = result.metrics
+    step = m.step_ms
+    if not step or not step.p10 or not step.p90:
+        return m.samples_per_s, m.samples_per_s
+    return m.samples_per_s * step.median / step.p90, m.samples_per_s * step.median / step.p10
+
+
+def too_close(a: Result, b: Result) -> bool:
+    """Whether two runs' throughputs differ by less than their own step-to-step spread."""
+    (a_low, a_high), (b_low, b_high) = throughput_range(a), throughput_range(b)
+    return a_low <= b_high and b_low <= a_high
+
+
+def _noisy(result: Result) -> bool:
+    return result.metrics.step_ms is not None and result.metrics.step_ms.noisy
+
+
 def _entry(result: Result, budget_bytes: float) -> dict:
     peak = result.metrics.peak_allocated_bytes
     return {
         "id": result.id,
         "config": result.config.to_dict(),
         "samples_per_s": result.metrics.samples_per_s,
+        "samples_per_s_range": list(throughput_range(result)),
+        "noisy": _noisy(result),
         "peak_allocated_bytes": peak,
         "margin_bytes": budget_bytes - peak,
     }
 
 
+def rate_words(value: float) -> str:
+    """A throughput with enough digits to tell close figures apart (three significant)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _describe(entry: dict, budget_gib: float) -> str:
+    noisy = " (noisy: step time varies more than 10 %)" if entry["noisy"] else ""
     return (
-        f"{BenchConfig.from_dict(entry['config']).describe(with_model=False)}: {entry['samples_per_s']:,.0f} samples/s "
-        f"at {entry['peak_allocated_bytes'] / GIB:,.1f} GiB of {budget_gib:g}"
+        f"{BenchConfig.from_dict(entry['config']).describe(with_model=False)}: {rate_words(entry['samples_per_s'])} "
+        f"samples/s{noisy} at {entry['peak_allocated_bytes'] / GIB:,.3g} GiB of {budget_gib:g} GiB"
     )
 
 
@@ -113,6 +140,10 @@ def recommend(
     candidates = measured(at_batch)
     fitting = sorted((r for r in candidates if r.metrics.peak_allocated_bytes <= budget),
                      key=lambda r: (-r.metrics.samples_per_s, r.metrics.peak_allocated_bytes))
+    # A noisy winner within a steady runner-up's spread is no winner: prefer the steady run.
+    if len(fitting) > 1 and _noisy(fitting[0]) and not _noisy(fitting[1]) and too_close(fitting[0], fitting[1]):
+        fitting[0], fitting[1] = fitting[1], fitting[0]
+    close = len(fitting) > 1 and too_close(fitting[0], fitting[1])
     answer = {
         "fits": bool(fitting),
         "effective_batch": effective_batch,
@@ -123,14 +154,18 @@ def recommend(
         "considered": len(candidates),
         "over_budget": len(candidates) - len(fitting),
         "failed": sum(not r.ok for r in at_batch),
+        "too_close_to_call": close,
     }
     if fitting:
         best = answer["best"]
         words = f"Best: {_describe(best, memory_budget_gib)}."
         if answer["runner_up"]:
             runner = answer["runner_up"]
-            gain = best["samples_per_s"] / runner["samples_per_s"] - 1 if runner["samples_per_s"] else 0.0
-            words += f" Runner-up: {_describe(runner, memory_budget_gib)} ({gain:.0%} slower)."
+            slower = 1 - runner["samples_per_s"] / best["samples_per_s"] if best["samples_per_s"] else 0.0
+            words += f" Runner-up: {_describe(runner, memory_budget_gib)} ({slower:.1%} slower)."
+            if close:
+                words += (" Too close to call: the two differ by less than their own step-to-step spread; "
+                          "measure more steps (or on a quieter machine) to tell them apart.")
         answer["answer"] = words
         return answer
     if candidates:

@@ -105,6 +105,26 @@ def _warnings(summaries: dict[str, Summary], steps: int, skipped: int | None, re
     return notes
 
 
+def batch_norm_warning(layers: list[str], accum: int) -> str | None:
+    """Why accumulation is not a bigger batch for a model with BatchNorm (None when it is)."""
+    if not layers or accum <= 1:
+        return None
+    return (f"the model normalises with batch statistics ({len(layers)} BatchNorm layers, e.g. {layers[0]}): each of "
+            f"the {accum} micro-batches is normalised on its own, so accumulation does not give the gradients of one "
+            "batch of the effective size")
+
+
+def _model_warnings(step: TrainingStep, config: BenchConfig) -> list[str]:
+    """What the model itself makes worth saying: checkpointing that misses most of it, and
+    BatchNorm with accumulation."""
+    notes = []
+    if step.checkpointed is not None and (warning := step.checkpointed.warning()):
+        notes.append(warning)
+    if warning := batch_norm_warning(models.batch_norm_layers(step.model), config.accum):
+        notes.append(warning)
+    return notes
+
+
 def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result:
     """Benchmark ``config`` in this process; return a complete ``ok`` Result.
 
@@ -138,6 +158,8 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
         model_flops, hw_flops = _phase(emit, "flops", flops.count_flops, step)
         tokens = models.tokens_per_sample(step.model)
         tf32 = flops.fp32_uses_tf32(step.model) if config.precision == "fp32" else False
+        checkpointed = step.checkpointed
+        notes += _model_warnings(step, config)
         # The numerical cost runs two more first steps on fresh models: after everything
         # measured, with this run's model freed so they can use its memory, and still on
         # this device under this run's memory cap.
@@ -175,4 +197,4 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
                         f"{config.memory_cap_gib:g} GiB cap: memory taken outside the caching allocator after the "
                         "cap was set (e.g. kernels loaded lazily) is not capped")
     warnings += [numerics_warning] if numerics_warning else []
-    return Result.new(config, "ok", env, metrics=metrics, samples=samples, warnings=warnings)
+    return Result.new(config, "ok", env, metrics=metrics, samples=samples, warnings=warnings, checkpointed=checkpointed)

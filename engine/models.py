@@ -3,11 +3,13 @@
 Every model follows one contract: a builder returns ``(model, make_batch)`` where
 ``make_batch(batch_size, device)`` returns a tuple and ``model(*batch)`` returns a scalar
 loss. Repeated blocks live in ``model.blocks`` (an ``nn.ModuleList``) so checkpointing
-policies can wrap them; a user model without that attribute is searched for its largest
-list of same-class modules.
+policies can wrap them; a user model without that attribute has its blocks found (the
+repeated module class holding the most parameters, across every stage), or named with
+``--blocks``.
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -222,18 +224,93 @@ def build(model_name: str, overrides: dict | None = None) -> tuple[nn.Module, Ma
     return _FAMILY_BUILDERS[family](dims)
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The model's repeated blocks: ``model.blocks`` or its longest list of same-class modules."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
-        return blocks
-    best = None
-    for module in model.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best)):
-                best = module
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The repeated blocks of a model, in registration (forward) order: module paths as
+    ``named_modules`` names them, the modules, and how they were found."""
+
+    paths: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    source: str
+
+    @property
+    def classes(self) -> list[str]:
+        """The blocks' class names, each once."""
+        return list(dict.fromkeys(type(m).__name__ for m in self.modules))
+
+
+def _unique_params(modules) -> dict[int, nn.Parameter]:
+    return {id(p): p for module in modules for p in module.parameters()}
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """Names not nested inside another of the names (``layer1.0`` drops ``layer1.0.conv1``)."""
+    kept: list[str] = []
+    for name in sorted(names, key=lambda n: n.count(".")):
+        if not any(name.startswith(k + ".") for k in kept):
+            kept.append(name)
+    return [n for n in names if n in kept]
+
+
+def _largest_block_class(model: nn.Module) -> list[str]:
+    """Paths of the instances (outermost) of the repeated module class that holds the most
+    parameters, wherever they sit (``layer1..layer4``, ``transformer.h``, ``model.layers``).
+    Only composite modules count: checkpointing a single layer keeps its input anyway."""
+    by_class: dict[type, list[str]] = {}
+    named = dict(model.named_modules())
+    for name, module in named.items():
+        if name and not isinstance(module, _CONTAINERS) and any(True for _ in module.children()) \
+                and any(True for _ in module.parameters()):
+            by_class.setdefault(type(module), []).append(name)
+    best, best_key = [], None
+    for cls, names in by_class.items():
+        names = _outermost(names)
+        if len(names) < 2:
+            continue
+        key = (sum(p.numel() for p in _unique_params(named[n] for n in names).values()), len(names))
+        if best_key is None or key > best_key:
+            best, best_key = names, key
     return best
+
+
+def find_blocks(model: nn.Module, patterns: str | None = None) -> Blocks | None:
+    """The model's repeated blocks, the units checkpointing wraps, or None.
+
+    ``patterns``: the user's choice, space-separated module paths or fnmatch patterns
+    (``"layer*.*"``, ``"transformer.h.*"``); else ``model.blocks`` when the model has one
+    (the built-in presets, and the ``build()`` contract's way to say it); else every instance
+    of the repeated module class that holds the most parameters, across all stages.
+    """
+    named = dict(model.named_modules())
+    if patterns:
+        wanted = patterns.split()
+        paths = _outermost([n for n in named if n and any(fnmatch.fnmatchcase(n, p) for p in wanted)])
+        source = f"--blocks {patterns}"
+    elif isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential)) and len(model.blocks) > 0:
+        paths = [f"blocks.{i}" for i in range(len(model.blocks))]
+        source = "model.blocks"
+    else:
+        paths = _largest_block_class(model)
+        source = "found: the repeated module class holding the most parameters"
+    if not paths:
+        return None
+    return Blocks(tuple(paths), tuple(named[p] for p in paths), source)
+
+
+def param_share(model: nn.Module, modules) -> float:
+    """The fraction of the model's (unique) parameter elements inside ``modules``."""
+    total = count_params(model)
+    inside = sum(p.numel() for p in _unique_params(modules).values())
+    return inside / total if total else 0.0
+
+
+def batch_norm_layers(model: nn.Module) -> list[str]:
+    """Paths of the layers that normalise with batch statistics in training (BatchNorm of any
+    dimension, SyncBatchNorm): with them a micro-batch is not a slice of a bigger batch."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def tokens_per_sample(model: nn.Module) -> int | None:
@@ -247,4 +324,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-__all__ = ["build", "find_blocks", "tokens_per_sample", "count_params", "load_user_builder", "check_contract"]
+__all__ = ["build", "find_blocks", "Blocks", "param_share", "batch_norm_layers", "tokens_per_sample", "count_params",
+           "load_user_builder", "check_contract"]

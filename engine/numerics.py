@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .config import BenchConfig
-from .results import Result, is_oom
+from .results import is_oom
 
 BASELINE = {"precision": "fp32", "ckpt": "none"}
 
@@ -97,43 +97,3 @@ def _release_cuda_cache() -> None:
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-
-
-def cost_rows(results: list[Result]) -> list[dict]:
-    """One row per ok run: what it saves and what it costs, against the fp32/no-checkpointing
-    run with the same micro-batch and accumulation where one was measured.
-
-    Keys: id, config, samples_per_s, speedup (vs baseline, or None), peak_allocated_bytes,
-    memory_saving (fraction of the baseline's peak, or None), grad_rel_diff, loss_scale,
-    skipped_steps, energy_j_per_sample.
-    """
-    ok = [r for r in results if r.ok]
-
-    def key(config: BenchConfig) -> tuple:
-        # What a saving is compared across: everything but the saving itself and the
-        # measurement settings.
-        ignored = ("precision", "ckpt", "k", "seed", "warmup", "steps", "timeout_s")
-        return tuple(sorted((k, repr(v)) for k, v in config.to_dict().items() if k not in ignored))
-
-    baselines = {key(r.config): r for r in ok if r.config.precision == "fp32" and r.config.ckpt == "none"}
-    rows = []
-    for r in ok:
-        m = r.metrics
-        base = baselines.get(key(r.config))
-        speed, base_speed = m.samples_per_s, base.metrics.samples_per_s if base else None
-        peak, base_peak = m.peak_allocated_bytes, base.metrics.peak_allocated_bytes if base else None
-        rows.append(
-            {
-                "id": r.id,
-                "config": r.config,
-                "samples_per_s": speed,
-                "speedup": speed / base_speed if speed and base_speed else None,
-                "peak_allocated_bytes": peak,
-                "memory_saving": 1 - peak / base_peak if peak is not None and base_peak else None,
-                "grad_rel_diff": m.grad_rel_diff,
-                "loss_scale": m.loss_scale,
-                "skipped_steps": m.skipped_steps,
-                "energy_j_per_sample": m.energy_j_per_sample,
-            }
-        )
-    return rows

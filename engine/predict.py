@@ -17,6 +17,7 @@ Both are compared with measurements wherever one exists (``comparison_rows``).
 from __future__ import annotations
 
 import functools
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -79,12 +80,49 @@ class PeakFit:
             return limit if self.predict(1) <= budget else 0
         return max(0, min(limit, int((budget - self.fixed_bytes) // self.slope_bytes)))
 
+    @property
+    def max_error(self) -> float:
+        """The largest relative miss of the line at its own points (its quality)."""
+        return max(abs(self.predict(b) - p) / p for b, p in self.points if p)
+
     def to_dict(self) -> dict:
         return {
             "fixed_bytes": self.fixed_bytes,
             "slope_bytes": self.slope_bytes,
             "points": [list(p) for p in self.points],
+            "max_error": self.max_error,
         }
+
+
+# A point counts as on the rising part of the curve when its peak is at least this much
+# above the previous (smaller) batch's.
+GROWTH = 0.01
+
+
+def growing_points(points: Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points on the part of the curve that grows with the batch.
+
+    The peak is the larger of a part that does not depend on the batch (weights, gradients,
+    optimizer state: the optimizer step's peak) and one that grows with it (activations): at
+    small batches the flat part can set the peak, and a line through those points would
+    have too low a slope. A point whose peak rose by at least GROWTH over the next smaller
+    batch's is above the flat part, so on the growing line; kept: the trailing run of them.
+    """
+    pts = sorted((int(b), float(p)) for b, p in points)
+    rising: list[tuple[int, float]] = []
+    for before, point in zip(pts, pts[1:]):
+        rising = rising + [point] if point[1] >= before[1] * (1 + GROWTH) else []
+    return rising
+
+
+def next_batch_to_measure(points: Iterable[tuple[int, float]], limit: int) -> int | None:
+    """The next micro-batch to measure for a fit that shows the slope: 1 first, then doubling
+    until two measured peaks grow with the batch (None when they do, or past ``limit``)."""
+    pts = sorted(points)
+    if len(growing_points(pts)) >= 2:
+        return None
+    batch = 2 * pts[-1][0] if pts else 1
+    return batch if batch <= limit else None
 
 
 def fit_peak(points: Iterable[tuple[int, float]]) -> PeakFit:
@@ -127,6 +165,36 @@ def missing_configs(config: BenchConfig, points: Iterable[tuple[int, float]], wa
     """``config`` at each wanted micro-batch that has no measured point yet (to run for a fit)."""
     measured = {batch for batch, *_ in points}
     return [config.replace(batch=batch) for batch in dict.fromkeys(wanted) if batch not in measured]
+
+
+def measure_for_fit(config: BenchConfig, points: Iterable[tuple[int, float]], wanted: Iterable[int] | None = None,
+                    limit: int = 1024, progress=None, on_result=None, cancel=None) -> tuple[list[tuple[int, float]], str | None]:
+    """Measure what a fit of ``config``'s memory curve needs, in the worker, and return every
+    (batch, peak) point with a note when measuring stopped early.
+
+    ``wanted``: the batches the user asked for (those not measured yet run); None: the
+    batches ``next_batch_to_measure`` picks, doubling from 1 until the peak grows. Each run
+    goes to ``on_result`` (to be stored); progress events carry the trial and its batch; a
+    failed run (out of memory, past ``limit``...) ends the measuring.
+    """
+    from .worker import run
+
+    points = sorted((int(b), float(p)) for b, p in points)
+    sweep_id = uuid.uuid4().hex
+    queue = [c.batch for c in missing_configs(config, points, wanted)] if wanted is not None else None
+    trial = 0
+    while True:
+        batch = (queue.pop(0) if queue else None) if queue is not None else next_batch_to_measure(points, limit)
+        if batch is None or (cancel is not None and cancel.is_set()):
+            return points, None
+        trial += 1
+        forward = (lambda event, n=trial, b=batch: progress(event.within(trial=n, batch=b))) if progress else None
+        result = run(config.replace(batch=batch), forward, cancel, sweep_id)
+        if on_result is not None:
+            on_result(result)
+        if not result.ok:
+            return points, f"batch {batch}: {result.status}: {result.error}; measuring stopped there"
+        points = sorted(points + [(batch, float(result.metrics.peak_allocated_bytes))])
 
 
 # ------------------------------------------------------------------------- analytic
@@ -191,18 +259,19 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
     except Exception:  # a user model that cannot be built on meta: no analytic estimate
         return None
 
-    def cast_weights(module: torch.nn.Module) -> dict[int, int]:
+    def cast_weights(modules) -> dict[int, int]:
         return {
             id(m.weight): m.weight.numel()
+            for module in modules
             for m in module.modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.requires_grad
         }
 
     params = {id(p): p for p in model.parameters()}
     blocks = models.find_blocks(model)
-    in_blocks = cast_weights(blocks) if blocks is not None else {}
-    outside = {key: n for key, n in cast_weights(model).items() if key not in in_blocks}
-    n_blocks = len(blocks) if blocks is not None else 0
+    in_blocks = cast_weights(blocks.modules) if blocks is not None else {}
+    outside = {key: n for key, n in cast_weights([model]).items() if key not in in_blocks}
+    n_blocks = len(blocks.paths) if blocks is not None else 0
     return _ModelFacts(
         n_params=sum(p.numel() for p in params.values()),
         n_param_tensors=len(params),
@@ -354,9 +423,18 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
         params + grads + optimizer + terms["inputs"]
         + optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
     )
+    # The last thing backward does is the tied embedding's gradient: lm_head's (vocab ×
+    # d_model) is ready, the embedding lookup's dense one is made, and their sum is a third,
+    # with every other gradient already alive: two vocab × d_model fp32 tensors on top of
+    # all the gradients.
+    tied = 2 * _FP32 * dims["vocab"] * dims["d_model"]
+    end_of_backward = params + grads + optimizer + terms["inputs"] + tied
+    peak = max(backward, optimizer_step, end_of_backward)
+    notes = list(terms["notes"])
+    if peak == end_of_backward:
+        notes.append(f"peak at the end of backward: the tied embedding's gradient adds {tied / GIB:.3g} GiB to all the gradients")
     return AnalyticEstimate(
-        params, grads, optimizer, terms["inputs"], terms["activations"], terms["transient"],
-        max(backward, optimizer_step), tuple(terms["notes"]),
+        params, grads, optimizer, terms["inputs"], terms["activations"], terms["transient"], peak, tuple(notes),
     )
 
 
@@ -441,14 +519,24 @@ def capacity_rows(fit: PeakFit | None, config: BenchConfig, targets: Iterable[Ca
 def report(points: Sequence[tuple[int, float]], config: BenchConfig, targets: Iterable[Capacity], margin: float = DEFAULT_MARGIN) -> dict:
     """Everything the CLI and the dashboard show for one configuration's memory prediction.
 
-    ``points`` are measured (batch, peak bytes). Returns config, margin, points, fit (or
-    None with fewer than two distinct batches), analytic (the estimate at config.batch, or
-    None), comparison (``comparison_rows``), capacities (``capacity_rows``) and curve: the
-    analytic peak at batches 1 .. twice the largest measured (None values without a formula),
-    for drawing.
+    ``points`` are measured (batch, peak bytes). Returns config, margin, points, fit (through
+    the points that grow with the batch, with its max_error and the batches left_out; None
+    when fewer than two do), fit_problem (why there is no fit, or None), analytic (the
+    estimate at config.batch, or None), comparison (``comparison_rows``), capacities
+    (``capacity_rows``) and curve: the analytic peak at batches 1 .. twice the largest
+    measured (None values without a formula), for drawing.
     """
     points = sorted((int(b), float(p)) for b, p in points)
-    fit = fit_peak(points) if len({b for b, _ in points}) >= 2 else None
+    used = growing_points(points)
+    fit = fit_peak(used) if len(used) >= 2 else None
+    if fit is not None:
+        problem = None
+    elif len({b for b, _ in points}) >= 2:
+        problem = (f"the measured peaks (batches {', '.join(str(b) for b, _ in points)}) do not grow with the batch: "
+                   "weights, gradients and optimizer state set the peak there, so a line through them cannot say "
+                   "where memory runs out; measure larger batches")
+    else:
+        problem = "a fit needs measured peaks at two or more batch sizes"
     analytic = analytic_estimate(config)
     top = max([config.batch] + [b for b, _ in points]) * 2
     curve = []
@@ -459,7 +547,8 @@ def report(points: Sequence[tuple[int, float]], config: BenchConfig, targets: It
         "config": config.to_dict(),
         "margin": margin,
         "points": [list(p) for p in points],
-        "fit": fit.to_dict() if fit else None,
+        "fit": fit.to_dict() | {"left_out": [point[0] for point in points if point not in used]} if fit else None,
+        "fit_problem": problem,
         "analytic": analytic.to_dict() if analytic else None,
         "comparison": comparison_rows(points, fit, config),
         "capacities": capacity_rows(fit, config, targets, margin),

@@ -138,6 +138,48 @@ ENV_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Env))
 
 
 @dataclass(frozen=True)
+class Checkpointed:
+    """What a policy wrapped: how many of the blocks found, their classes, the share of the
+    model's parameters inside the wrapped blocks, how the blocks were found, their paths."""
+
+    wrapped: int
+    found: int
+    classes: tuple[str, ...]
+    param_share: float
+    source: str
+    paths: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"classes": list(self.classes), "paths": list(self.paths)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Checkpointed":
+        """Decode (and check) the stored form; ``_Invalid`` naming the field otherwise."""
+        if not isinstance(data, dict):
+            raise _Invalid("checkpointed must be an object or null")
+        share = _number(data.get("param_share"), "checkpointed.param_share")
+        if not 0 <= share <= 1:
+            raise _Invalid(f"checkpointed.param_share must be a fraction, got {share!r}")
+        lists = {}
+        for key in ("classes", "paths"):
+            items = data.get(key)
+            if not isinstance(items, list) or len(items) > 100_000:
+                raise _Invalid(f"checkpointed.{key} must be a list of strings")
+            lists[key] = tuple(_text(item, f"checkpointed.{key}", nullable=False, limit=500) for item in items)
+        return cls(wrapped=_integer(data.get("wrapped"), "checkpointed.wrapped"),
+                   found=_integer(data.get("found"), "checkpointed.found"), param_share=share,
+                   source=_text(data.get("source"), "checkpointed.source", nullable=False, limit=1000), **lists)
+
+    def warning(self) -> str | None:
+        """A sentence when checkpointing reaches less than half of the model's parameters."""
+        if self.param_share >= 0.5:
+            return None
+        return (f"checkpointing wraps {self.wrapped} of {self.found} blocks ({', '.join(self.classes)}) holding "
+                f"{self.param_share:.0%} of the parameters: most of the model keeps its activations "
+                "(name the blocks with --blocks)")
+
+
+@dataclass(frozen=True)
 class Result:
     """One benchmark run: its configuration, environment, status and metrics."""
 
@@ -151,11 +193,12 @@ class Result:
     samples: dict[str, list[float]] | None = None
     warnings: tuple[str, ...] = ()
     sweep_id: str | None = None
+    checkpointed: Checkpointed | None = None  # which blocks checkpointing wrapped (ok runs with it)
 
     @classmethod
     def new(cls, config: BenchConfig, status: str, env: Env | dict, metrics: Metrics | None = None,
             samples: dict | None = None, error: str | None = None, warnings: Iterable[str] = (),
-            sweep_id: str | None = None) -> "Result":
+            sweep_id: str | None = None, checkpointed: Checkpointed | None = None) -> "Result":
         """A result with a fresh id and UTC timestamp.
 
         For a failed status every metric is None except ``effective_batch`` and ``samples``
@@ -179,11 +222,19 @@ class Result:
             samples={key: list(values) for key, values in samples.items()} if samples else None,
             warnings=tuple(warnings),
             sweep_id=sweep_id,
+            checkpointed=checkpointed if status == "ok" else None,
         )
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def environment(self) -> tuple:
+        """What must match for two runs' numbers to be compared: the hardware and software
+        that measured them."""
+        e = self.env
+        return (e.device_type, e.device_name, e.cpu, e.torch, e.cuda, e.driver)
 
     @property
     def memory_limit_bytes(self) -> float | None:
@@ -208,6 +259,7 @@ class Result:
             "samples": None if self.samples is None else {k: list(v) for k, v in self.samples.items()},
             "sweep_id": self.sweep_id,
             "warnings": list(self.warnings),
+            "checkpointed": None if self.checkpointed is None else self.checkpointed.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -408,6 +460,7 @@ def _decode_result(obj) -> Result:
         samples=_decode_samples(obj["samples"], status),
         warnings=tuple(_text(w, "warnings", nullable=False) for w in warnings or ()),
         sweep_id=_text(obj.get("sweep_id"), "sweep_id", limit=200),
+        checkpointed=None if obj.get("checkpointed") is None else Checkpointed.from_dict(obj["checkpointed"]),
     )
 
 

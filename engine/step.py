@@ -185,7 +185,9 @@ class TrainingStep:
         self.config = config
         self.device = torch.device(device)
         self.policy = checkpointing.make_policy(config.ckpt, config.k)
-        self.model = self.policy.apply(model.to(self.device))
+        self.model = model.to(self.device)
+        # What checkpointing wrapped (None without it): results record it.
+        self.checkpointed = self.policy.apply(self.model, config.blocks)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config.optimizer, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]

@@ -2,7 +2,7 @@
 that measure, run for real on a tiny CPU config from the page."""
 from app import form
 from app.charts import decisions
-from tests.app_fixtures import (H100_ENV, app_db, chart_titles, click, finished, make_sweep, open_app,  # noqa: F401
+from tests.app_fixtures import (H100_ENV, app_db, chart, chart_titles, click, finished, make_sweep, open_app,  # noqa: F401
                                 shown, task, tiny_settings, wait_until, with_metrics)
 
 
@@ -66,7 +66,7 @@ def test_tools_measure_a_tiny_cpu_config_from_the_page(app_db):
     wait_until(at, finished("decide.find"))
     report = task(at, "decide.find").value
     assert report["max_batch"] == 2 and [t["batch"] for t in report["trials"]] == [1, 2]
-    assert [m.value for m in at.metric][:2] == ["2", str(report["best_batch"])]
+    assert [m.value for m in at.metric][:2] == ["≥ 2", str(report["best_batch"])]  # its own limit: a lower bound
     assert len(app_db.list()) == 2  # every trial is a stored run
     click(at, "Time one step both ways")
     wait_until(at, finished("decide.pitfall"))
@@ -77,16 +77,19 @@ def test_tools_measure_a_tiny_cpu_config_from_the_page(app_db):
     assert [r["config"]["ckpt"] for r in records] == ["none", "full"]
     titles = chart_titles(at)
     assert {decisions.FINDER_TITLE, decisions.PITFALL_TITLE, decisions.TIMELINE_TITLE} <= set(titles)
-    # The two trials are measured points of this configuration: the prediction has its fit.
-    assert any(m.value.startswith("**Fit:** peak ≈") for m in at.markdown)
+    # The two trials are measured points of this configuration; their peaks do not grow with
+    # the batch (the optimizer step sets them), so the prediction refuses a fit and says why.
+    assert list(chart(at, decisions.PREDICTION_TITLE)["data"][0]["x"]) == [1, 2]
+    assert any("do not grow with the batch" in shown(i.value) for i in at.info)
 
 
-def test_measure_these_batches_stores_the_missing_points_for_the_fit(app_db):
+def test_measuring_for_the_fit_doubles_until_the_peak_grows_then_fits(app_db):
     at = tiny_settings(open_app("views/decide.py"))
-    at.text_input(key="decide.predict.batches").set_value("1, 2").run()
-    click(at, "Measure these batches")
+    assert at.text_input(key="decide.predict.batches").value == "auto"
+    click(at, "Measure for the fit")
     wait_until(at, finished("decide.predict.task"))
-    assert sorted(r.config.batch for r in app_db.list()) == [1, 2]
+    batches = sorted(r.config.batch for r in app_db.list())
+    assert batches[:2] == [1, 2] and all(b == 2 * a for a, b in zip(batches, batches[1:]))
     assert any(m.value.startswith("**Fit:** peak ≈") for m in at.markdown)
-    # Both are measured now: nothing left to run.
-    assert [b for b in at.button if b.label == "Measure these batches"][0].disabled
+    # Two measured peaks grow with the batch now: nothing left to run.
+    assert [b for b in at.button if b.label == "Measure for the fit"][0].disabled

@@ -84,9 +84,11 @@ def test_unknown_policy_and_model_without_blocks():
     with pytest.raises(ValueError, match="selective"):
         make_policy("sometimes")
     flat = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
-    with pytest.raises(ValueError, match="repeated blocks"):
-        make_policy("full").apply(flat)
-    assert make_policy("none").apply(flat) is flat
+    with pytest.raises(ValueError, match="found no blocks"):
+        make_policy("full").apply(flat)  # single layers are no blocks: wrapping one keeps its input anyway
+    with pytest.raises(ValueError, match="matching --blocks 'layer9.*'"):
+        make_policy("full").apply(flat, "layer9.*")
+    assert make_policy("none").apply(flat) is None and isinstance(flat[0], nn.Linear)
 
 
 @pytest.mark.parametrize("op", ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",

@@ -170,8 +170,10 @@ def test_every_field_declares_label_help_and_a_valid_default():
 
 @pytest.mark.parametrize("field", [f for f in CONFIG_FIELDS if f.kind is not dict], ids=lambda f: f.name)
 def test_text_parses_back_to_the_value_it_was_formatted_from(field):
-    value = field.default if field.default is not None else 1.5
+    value = field.default if field.default is not None else {float: 1.5, str: "layer1.* layer2.0"}[field.kind]
     assert field.parse(field.format(value)) == value
+    if field.nullable:
+        assert field.parse(field.format(None)) is None
 
 
 @pytest.mark.parametrize("name, text", [("batch", "9" * 30), ("batch", "two"), ("seed", "1.5"), ("timeout_s", "nan"),

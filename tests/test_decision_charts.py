@@ -3,7 +3,7 @@ import dataclasses
 
 from app.charts import common
 from app.charts import decisions as charts
-from engine import frontier, numerics, predict
+from engine import frontier, gains, predict
 from engine.config import GIB, BenchConfig
 from tests.app_fixtures import H100_ENV, make_result, with_metrics
 
@@ -43,12 +43,12 @@ def test_finder_trials_chart():
 def test_memory_prediction_chart_shows_measured_fitted_and_analytic():
     config = BenchConfig(model="gpt-tiny", device="cpu", overrides={"n_layers": 2, "seq_len": 32, "d_model": 64,
                                                                     "n_heads": 2, "vocab": 256})
-    points = [(b, predict.analytic_estimate(config, b).peak) for b in (1, 2, 4)]
+    points = [(b, predict.analytic_estimate(config, b).peak) for b in (1, 2, 4, 8)]
     report = predict.report(points, config, predict.capacities([24, 80], 16 * GIB, "cpu"))
     fig = charts.build_memory_prediction(report).to_dict()
     assert fig["layout"]["title"]["text"] == charts.PREDICTION_TITLE
     assert [t["name"] for t in fig["data"]] == ["measured", "fitted: fixed + slope × batch", "analytic"]
-    assert list(trace(fig, "measured")["x"]) == [1, 2, 4]
+    assert list(trace(fig, "measured")["x"]) == [1, 2, 4, 8]
     assert "MiB" in fig["layout"]["yaxis"]["title"]["text"]  # a tiny model is drawn in MiB
     # Every capacity is far above a few MiB: none drawn, all named as off the scale.
     assert hlines(fig) == [] and "off the scale: this cpu (16.0 GiB), 24 GiB, 80 GiB" in fig["layout"]["annotations"][0]["text"]
@@ -118,12 +118,13 @@ def test_numerical_cost_chart_has_one_bar_per_measured_run():
     cheap = with_metrics(make_result(batch=4, precision="bf16"), grad_rel_diff=4e-3)
     unmeasured = make_result(batch=8)
     runs = [base, cheap, unmeasured]
-    fig = charts.build_numerical_cost(numerics.cost_rows(runs), runs).to_dict()
+    fig = charts.build_numerical_cost(gains.gain_rows(runs), runs).to_dict()
     assert fig["layout"]["title"]["text"] == charts.NUMERICS_TITLE
     [bars] = fig["data"]
     assert list(bars["y"]) == [0.0, 4e-3] and list(bars["text"]) == ["0.00e+00", "4.00e-03"]
     # Synthetic bf16 steps: 15.9 ms against 25.5 ms in fp32.
     assert "1.60× samples/s" in bars["hovertext"][1] and "memory saved" in bars["hovertext"][1]
+    assert f"baseline: batch 4 × accum 1, fp32, no checkpointing (run {base.id[:8]})" in bars["hovertext"][1]
 
 
 def test_finder_chart_names_a_capacity_far_above_the_trials():
@@ -141,7 +142,7 @@ def test_text_from_runs_reaches_decision_figures_escaped():
     cheap = with_metrics(make_result(env=other_gpu, batch=4, precision="bf16", model=f"{link}:build"), grad_rel_diff=4e-3)
     failed = make_result("oom", env=env, batch=8, model=f"{link}:build").replace(error=f"<img src=x> {link}")
     runs = [base, cheap, failed]
-    figures = [charts.build_numerical_cost(numerics.cost_rows(runs), runs).to_dict(),
+    figures = [charts.build_numerical_cost(gains.gain_rows(runs), runs).to_dict(),
                charts.build_frontier(runs, frontier.pareto_frontier(runs)).to_dict()]
     text = str(figures)
     assert "<a href" not in text and "<img" not in text

@@ -63,7 +63,24 @@ def test_best_batch_is_the_fastest_fitting_trial_not_the_largest():
 def test_max_batch_bounds_the_search():
     runner = fake_runner(1000)
     report = finder.find_batch(CONFIG, max_batch=6, runner=runner)
-    assert runner.calls == [1, 2, 4, 6] and report["max_batch"] == 6 and report["exact"]
+    assert runner.calls == [1, 2, 4, 6] and report["max_batch"] == 6
+    # Its own limit is a lower bound, never the answer: batch 7 might fit too.
+    assert not report["exact"] and report["stopped"].startswith("search limit reached")
+
+
+def test_the_command_says_a_limit_is_a_lower_bound(monkeypatch, capsys):
+    monkeypatch.setattr(finder, "run", fake_runner(1000))
+    assert cli.main(["find-batch", "--device", "cpu", "--max-batch", "64"]) == 0
+    assert "Largest micro-batch that fits within" in capsys.readouterr().out
+    assert cli.main(["find-batch", "--device", "cpu", "--max-batch", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_batch"] == 64 and report["exact"] is False
+
+
+def test_the_dashboard_and_the_command_share_the_defaults():
+    parser = cli.build_parser()
+    args = parser.parse_args(["find-batch"])
+    assert (args.max_batch, args.time_limit) == (finder.DEFAULT_MAX_BATCH, finder.DEFAULT_TIME_LIMIT_S)
 
 
 def test_nothing_fits():

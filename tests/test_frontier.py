@@ -101,9 +101,36 @@ def test_answer_in_words():
     ]
     answer = frontier.recommend(runs, 32, 80)
     assert answer["answer"].startswith(
-        "Best: batch 8 × accum 4, bf16, checkpointing every 2nd block: 1,930 samples/s at 61.2 GiB of 80.")
-    assert "Runner-up: batch 16 × accum 2, bf16, full checkpointing" in answer["answer"]
+        "Best: batch 8 × accum 4, bf16, checkpointing every 2nd block: 1,930 samples/s at 61.2 GiB of 80 GiB.")
+    assert "Runner-up: batch 16 × accum 2, bf16, full checkpointing: 1,500 samples/s at 40 GiB of 80 GiB (22.3% slower)" \
+        in answer["answer"]
     assert answer["best"]["config"]["batch"] == 8 and answer["over_budget"] == 1
+    assert not answer["too_close_to_call"] and "Too close" not in answer["answer"]
+
+
+def _spread(result, iqr_rel, p10, p90):
+    step = dataclasses.replace(result.metrics.step_ms, p10=result.metrics.step_ms.median * p10,
+                               p90=result.metrics.step_ms.median * p90, iqr_rel=iqr_rel)
+    return with_metrics(result, step_ms=step)
+
+
+def test_close_throughputs_keep_their_digits_and_are_too_close_to_call():
+    a = _spread(run(samples_per_s=4.31, peak_gib=1, batch=2, accum=2), 0.03, 0.97, 1.05)
+    b = _spread(run(samples_per_s=3.72, peak_gib=1, batch=4, accum=1), 0.03, 0.97, 1.05)
+    words = frontier.recommend([a, b], 4, 80)["answer"]
+    assert "4.31 samples/s" in words and "3.72 samples/s" in words and "(13.7% slower)" in words
+    assert "Too close" not in words  # 4.10–4.44 and 3.54–3.84 do not overlap
+    c = _spread(run(samples_per_s=4.20, peak_gib=1, batch=1, accum=4), 0.05, 0.9, 1.1)
+    answer = frontier.recommend([a, c], 4, 80)
+    assert answer["too_close_to_call"] and "Too close to call" in answer["answer"]
+
+
+def test_a_noisy_winner_within_a_steady_runners_spread_gives_way():
+    noisy = _spread(run(samples_per_s=105, peak_gib=1, batch=2, accum=2), 0.4, 0.6, 1.5)
+    steady = _spread(run(samples_per_s=100, peak_gib=1, batch=4, accum=1), 0.02, 0.98, 1.02)
+    answer = frontier.recommend([noisy, steady], 4, 80)
+    assert answer["best"]["id"] == steady.id and answer["too_close_to_call"]
+    assert "(noisy: step time varies more than 10 %)" in answer["answer"]
 
 
 def test_runs_of_several_models_or_devices_need_a_choice():

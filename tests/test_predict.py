@@ -167,9 +167,10 @@ def test_analytic_largest_batch_grows_with_capacity():
 # ------------------------------------------------------------------------- report and CLI
 def test_report_compares_measured_fitted_and_analytic():
     config = tiny()
-    points = [(b, predict.analytic_estimate(config, b).peak * 1.1) for b in (1, 2, 4)]
+    points = [(b, predict.analytic_estimate(config, b).peak * 1.1) for b in (1, 2, 4, 8, 16)]
     report = predict.report(points, config, predict.capacities([24], 16 * GIB, "cpu"))
-    assert [r["batch"] for r in report["comparison"]] == [1, 2, 4]
+    assert [r["batch"] for r in report["comparison"]] == [1, 2, 4, 8, 16]
+    assert report["fit"]["left_out"] == [1, 2]  # the optimizer step sets the peak there: flat
     assert all(r["analytic_error"] == pytest.approx(-1 / 11) for r in report["comparison"])
     assert [r["capacity"] for r in report["capacities"]] == ["this cpu (16.0 GiB)", "24 GiB"]
     assert report["capacities"][1]["fitted_max_batch"] > 0 and report["curve"][0][0] == 1
@@ -180,19 +181,19 @@ def test_predict_command_uses_stored_runs_and_answers_in_json(tmp_path, capsys):
     config = tiny()
     path = tmp_path / "runs.jsonl"
     lines = []
-    for batch in (2, 4):
+    for batch in (2, 4, 8):
         result = with_metrics(make_result(model="gpt-tiny", overrides=TINY, batch=batch),
                               peak_allocated_bytes=predict.analytic_estimate(config, batch).peak)
         lines.append(result.to_json())
     path.write_text("\n".join(lines))
     flags = ["--model", "gpt-tiny", "--device", "cpu"] + [f"--set={k}={v}" for k, v in TINY.items()]
     # The wanted batches are all stored: nothing is measured, the fit is the stored runs'.
-    assert cli.main(["predict", *flags, "--results", str(path), "--batches", "2,4", "--capacity-gib", "24,80",
+    assert cli.main(["predict", *flags, "--results", str(path), "--batches", "2,4,8", "--capacity-gib", "24,80",
                      "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["fit"]["slope_bytes"] > 0
+    assert report["fit"]["slope_bytes"] > 0 and report["fit"]["left_out"] == [2]  # the knee: maybe still flat
     assert [r["capacity"] for r in report["capacities"]][-2:] == ["24 GiB", "80 GiB"]
-    assert all(abs(r["fitted_error"]) < 1e-9 for r in report["comparison"])
+    assert all(abs(r["fitted_error"]) < 1e-9 for r in report["comparison"] if r["batch"] in (4, 8))
 
 
 def test_predict_command_rejects_bad_input_with_one_line(capsys):
@@ -200,3 +201,44 @@ def test_predict_command_rejects_bad_input_with_one_line(capsys):
     assert cli.main(["predict", "--margin", "2", "--analytic-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "capacity-gib" in err[0] and "margin" in err[1]
+
+
+# ------------------------------------------------------------------------- flat points
+def test_only_points_where_the_peak_grows_make_the_fit():
+    flat, slope = 10 * GIB, 0.5 * GIB
+    points = [(b, max(flat, 2 * GIB + slope * b)) for b in (1, 2, 4, 32, 64)]  # the optimizer sets the peak up to 16
+    assert predict.growing_points(points) == [(32, points[3][1]), (64, points[4][1])]
+    report = predict.report(points, tiny(), predict.capacities([80]))
+    assert report["fit"]["slope_bytes"] == pytest.approx(slope) and report["fit"]["left_out"] == [1, 2, 4]
+    assert report["fit"]["max_error"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_fit_from_flat_points_is_refused_with_the_reason():
+    report = predict.report([(1, GIB), (2, GIB), (4, 1.001 * GIB)], tiny(), predict.capacities([80]))
+    assert report["fit"] is None and "do not grow with the batch" in report["fit_problem"]
+    assert all(row["fitted_max_batch"] is None for row in report["capacities"])
+
+
+@pytest.mark.parametrize("points, expected", [
+    ([], 1), ([(1, 1.0)], 2), ([(1, 1.0), (2, 1.0)], 4), ([(1, 1.0), (2, 1.0), (4, 1.5)], 8),
+    ([(1, 1.0), (2, 1.0), (4, 1.5), (8, 2.5)], None), ([(1, 1.0), (2, 1.0)], None),
+])
+def test_measuring_doubles_until_two_points_grow(points, expected):
+    limit = 2 if expected is None and len(points) == 2 else 1024
+    assert predict.next_batch_to_measure(points, limit) == expected
+
+
+def test_a_model_with_flat_small_batch_peaks_is_measured_until_the_slope_shows(monkeypatch):
+    # The issue's case: batches 1 and 2 have the same peak; a line through 1, 2, 4 was far off.
+    peaks = {1: 100.0, 2: 100.0, 4: 140.0, 8: 220.0}
+    ran = []
+
+    def fake_run(config, progress=None, cancel=None, sweep_id=None):
+        ran.append(config.batch)
+        return with_metrics(make_result(batch=config.batch), peak_allocated_bytes=int(peaks[config.batch]))
+
+    monkeypatch.setattr("engine.worker.run", fake_run)
+    points, stopped = predict.measure_for_fit(tiny(), [], None)
+    assert ran == [1, 2, 4, 8] and stopped is None
+    fit = predict.fit_peak(predict.growing_points(points))
+    assert fit.slope_bytes == pytest.approx(20.0) and fit.fixed_bytes == pytest.approx(60.0)

@@ -3,7 +3,7 @@ recommendation, the memory timeline, the timing pitfall and the numerical cost.
 
 Each builder draws what an engine call returned (``finder.find_batch``'s report,
 ``predict.report``, ``frontier.pareto_frontier`` and ``frontier.recommend``, timeline
-records, ``pitfall``'s report, ``numerics.cost_rows``); none of them re-runs the analysis.
+records, ``pitfall``'s report, ``gains.gain_rows``); none of them re-runs the analysis.
 """
 from __future__ import annotations
 
@@ -198,16 +198,16 @@ def build_pitfall(report: dict) -> go.Figure:
 
 
 def build_numerical_cost(rows: list[dict], results: list[Result]) -> go.Figure:
-    """grad_rel_diff per ok run (``rows`` from ``numerics.cost_rows(results)``, each against
+    """grad_rel_diff per ok run (``rows`` from ``gains.gain_rows(results)``, each against
     its fp32 / no-checkpointing baseline), with the speed-up and memory saving against the
     measured baseline run in the hover; runs are labelled as on the other charts of ``results``."""
     labels = dict(zip((r.id for r in results), chart_labels(results)))
     shown = [row for row in rows if row["grad_rel_diff"] is not None]
 
     def gain(row: dict) -> str:
-        speed = f"{row['speedup']:.2f}× samples/s" if row["speedup"] else "no baseline run"
+        speed = f"{row['speedup']:.2f}× samples/s" if row["speedup"] else "no speed-up"
         memory = f"{row['memory_saving']:+.0%} memory saved" if row["memory_saving"] is not None else ""
-        return f"{speed}<br>{memory}"
+        return f"{speed}<br>{memory}<br>baseline: {chart_text(row['baseline'])}"
 
     fig = go.Figure()
     fig.add_bar(name="grad_rel_diff", x=[labels[row["id"]] for row in shown], y=[row["grad_rel_diff"] for row in shown],

@@ -75,7 +75,7 @@ if swept:
     ui.show_chart(run_charts.build_sweep_lines(selected, field, metric), key="compare.sweep")
 
 st.subheader("Numerical cost and energy")
-numerical_cost_panel(selected, key="compare.numerics")
+numerical_cost_panel(selected, runs, key="compare.numerics")
 
 with st.expander("Table of these runs"):
     st.dataframe(runs_frame(selected), hide_index=True)

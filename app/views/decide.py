@@ -37,29 +37,42 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
     points = [(b, p) for b, p, _ in predict.measured_points(store.list(model=config.model), config, device_type)]
     left, middle, right = st.columns(3)
     typed = left.text_input("GPU sizes to predict for (GiB)", value="24, 40, 80, 141", key="decide.predict.gib")
-    batches = middle.text_input("Batches to measure", value="1, 2, 4", key="decide.predict.batches")
+    batches = middle.text_input("Batches to measure", value="auto", key="decide.predict.batches",
+                                help="auto: double from 1 until the peak grows with the batch; or a list, e.g. 4, 8, 16")
     try:
         sizes = [float(x) for x in typed.split(",") if x.strip()]
-        wanted = [int(x) for x in batches.split(",") if x.strip()]
+        wanted = None if batches.strip() == "auto" else [int(x) for x in batches.split(",") if x.strip()]
         targets = predict.capacities(sizes, device_memory_limit(config), device_type,
                                      capped=config.memory_cap_gib is not None)
-        configs = predict.missing_configs(config, points, wanted)
-        for candidate in configs:
+        for candidate in predict.missing_configs(config, points, wanted or []):
             limits.check_limits(candidate)  # typed batches: no more than the form allows
     except (ValueError, ConfigError) as exc:
         st.error(f"Invalid input: {ui.plain(exc)}")
         return
-    tasks.task_button("decide.predict.task", "Measure these batches",
-                      lambda: tasks.benchmarks("Measuring batches", configs, store), where=right,
-                      disabled=not configs, type="secondary",
-                      help="Runs the batches not measured yet for this configuration on this device.")
+    needed = predict.missing_configs(config, points, wanted) if wanted is not None else \
+        predict.next_batch_to_measure(points, int(limits.limit_for("batch"))) is not None
+
+    def measure(progress, on_result, cancel):
+        return predict.measure_for_fit(config, points, wanted, limit=int(limits.limit_for("batch")),
+                                       progress=progress, on_result=on_result, cancel=cancel)
+
+    state = tasks.task_button("decide.predict.task", "Measure for the fit",
+                              lambda: tasks.Task("Measuring for the fit", measure, store), where=right,
+                              disabled=not needed, type="secondary",
+                              help="Runs the batches the fit still needs for this configuration on this device.")
+    if state is not None and state.succeeded and state.value[1]:
+        st.warning(ui.plain(state.value[1]))
     report = predict.report(points, config, targets, margin)
     if report["fit"] is None:
-        st.info(f"{len(points)} measured batch size(s) of this configuration on {ui.plain(device_type)}: the fit needs two. "
-                "Measure some batches (ok runs are used; the analytic estimate needs none).")
+        st.info(f"{len(points)} measured batch size(s) of this configuration on {ui.plain(device_type)}. No fit: "
+                f"{ui.plain(report['fit_problem'])}. (Ok runs are used; the analytic estimate needs none.)")
     else:
         fit = report["fit"]
-        st.markdown(f"**Fit:** peak ≈ {gib(fit['fixed_bytes'])} + {gib(fit['slope_bytes'])} × batch")
+        left_out = f"; batches {', '.join(map(str, fit['left_out']))} left out: the peak does not grow there" \
+            if fit["left_out"] else ""
+        st.markdown(f"**Fit:** peak ≈ {gib(fit['fixed_bytes'])} + {gib(fit['slope_bytes'])} × batch "
+                    f"(from batches {', '.join(str(b) for b, _ in fit['points'])}{left_out}; "
+                    f"largest miss {fit['max_error']:.1%})")
     ui.show_chart(decisions.build_memory_prediction(report), key="decide.predict.chart")
     if report["comparison"]:
         st.markdown("**Measured vs fitted vs analytic** (error = estimate / measured − 1)")
@@ -186,6 +199,6 @@ with tabs[4]:
 with tabs[5]:
     runs = store.list(model=config.model, status="ok")
     if runs:
-        numerical_cost_panel(runs, key="decide.numerics")
+        numerical_cost_panel(runs, runs, key="decide.numerics")
     else:
         st.info(f"No ok runs of {ui.plain(config.model)} stored yet.")

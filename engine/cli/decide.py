@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import frontier, limits, predict
+from .. import finder, frontier, limits, predict
 from ..config import FIELD_NAMES, BenchConfig, check_runnable, device_memory_limit
 from ..devices import resolve_device
 from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, emit_json,
@@ -19,8 +19,6 @@ from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_fla
 
 # ------------------------------------------------------------------------- find-batch
 def _cmd_find_batch(args) -> int:
-    from .. import finder
-
     config = config_from_args(args)
     # No memory check: the search starts at batch 1 whatever --batch says, and its trials
     # must meet their real OOMs, which are its answer.
@@ -49,45 +47,49 @@ def _cmd_find_batch(args) -> int:
         if report["max_batch"] is None:
             print(f"No micro-batch fits within {budget}.")
         else:
-            bound = "" if report["exact"] else " (at least; the search stopped before pinning it down)"
-            print(f"Largest micro-batch that fits within {budget}: {report['max_batch']}{bound}")
+            largest = f"{report['max_batch']}" if report["exact"] else f"≥ {report['max_batch']} (a lower bound: {report['stopped']})"
+            print(f"Largest micro-batch that fits within {budget}: {largest}")
             print(f"Fastest micro-batch among those tried: {report['best_batch']}")
-        if report["stopped"]:
+        if report["stopped"] and report["max_batch"] is None:
             print(f"Stopped early: {report['stopped']}")
     return 0 if report["max_batch"] is not None else 1
 
 
 # ------------------------------------------------------------------------- predict
 def _cmd_predict(args) -> int:
-    from ..sweep import run_sweep
-
     config = config_from_args(args)
     keep = margin(args.margin)
     typed = number_list(args.capacity_gib, "--capacity-gib")
+    wanted = None if args.batches.strip() == "auto" else number_list(args.batches, "--batches", int)
     device_type = resolve_device(config.device).split(":")[0]
-    points = []
+    points, stopped = [], None
     if not args.analytic_only:
         # --batch only names the analytic estimate's batch here; the runs are --batches.
         check_runnable(config, check_memory=False)
         points = [(b, p) for b, p, _ in predict.measured_points(load_results(args), config, device_type)]
-        missing = predict.missing_configs(config, points, number_list(args.batches, "--batches", int))
-        for run_config in missing:
-            check_runnable(run_config)
-        if missing:
-            printer = ProgressPrinter()
-            results = run_sweep(missing, printer, result_sinks(args, printer, print_json=False))
-            points = sorted(points + [(r.config.batch, float(r.metrics.peak_allocated_bytes)) for r in results if r.ok])
+        for run_config in predict.missing_configs(config, points, wanted or []):
+            check_runnable(run_config)  # the batches asked for, each within this server's limits
+        printer = ProgressPrinter()
+        # Doubling stops at this server's largest micro-batch; its runs meet their real OOMs.
+        points, stopped = predict.measure_for_fit(config, points, wanted, limit=int(limits.limit_for("batch")),
+                                                  progress=printer,
+                                                  on_result=result_sinks(args, printer, print_json=False))
     targets = predict.capacities(typed, device_memory_limit(config), device_type, capped=config.memory_cap_gib is not None)
     report = predict.report(points, config, targets, keep)
     if args.json:
         emit_json(report)
         return 0
     fit, analytic, comparison = report["fit"], report["analytic"], report["comparison"]
+    if stopped:
+        print(f"Note: {stopped}")
     if fit:
+        left_out = f"; batches {', '.join(map(str, fit['left_out']))} left out: the peak does not grow there" \
+            if fit["left_out"] else ""
         print(f"Fit: peak ≈ {fmt_bytes(fit['fixed_bytes'])} + {fmt_bytes(fit['slope_bytes'])} × batch "
-              f"(from batches {', '.join(str(b) for b, _ in fit['points'])})")
+              f"(from batches {', '.join(str(b) for b, _ in fit['points'])}{left_out}; largest miss "
+              f"{fit['max_error']:.1%})")
     elif not args.analytic_only:
-        print("No fit: it needs ok measurements at two different batch sizes.")
+        print(f"No fit: {report['fit_problem']}.")
     if analytic:
         parts = ", ".join(f"{k} {fmt_bytes(analytic[k])}" for k in ("params", "grads", "optimizer", "inputs", "activations", "transient", "peak"))
         print(f"Analytic at batch {config.batch}: {parts}")
@@ -215,18 +217,22 @@ def register(subparsers) -> None:
         description="Double the micro-batch from 1 until it does not fit (OOM or over the margin), then binary-search; "
                     "every trial is a real run in the worker. Exit code 1 when not even batch 1 fits.")
     add_config_flags(p)
-    p.add_argument("--max-batch", type=int, default=1024, metavar="N", help="largest micro-batch to try (default 1024)")
+    p.add_argument("--max-batch", type=int, default=finder.DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"largest micro-batch to try (default {finder.DEFAULT_MAX_BATCH})")
     _margin_flag(p)
-    p.add_argument("--time-limit", type=float, metavar="S", help="stop the search after S seconds")
+    p.add_argument("--time-limit", type=float, default=finder.DEFAULT_TIME_LIMIT_S, metavar="S",
+                   help=f"stop the search after S seconds (default {finder.DEFAULT_TIME_LIMIT_S:g})")
     add_output_flags(p, json_help="print the answer as JSON on stdout")
     p.set_defaults(func=_cmd_find_batch)
 
     p = subparsers.add_parser(
         "predict", help="predict peak memory and the largest batch per GPU size",
-        description="Fit peak ≈ fixed + slope × batch to measured runs of this config (from --results/--db, "
-                    "plus the --batches not measured yet) and compare with the analytic estimate.")
+        description="Fit peak ≈ fixed + slope × batch to the measured runs of this config whose peak grows with the "
+                    "batch (from --results/--db, plus the --batches measured now) and compare with the analytic "
+                    "estimate.")
     add_config_flags(p)
-    p.add_argument("--batches", default="1,2,4", metavar="LIST", help="batches to measure when not stored yet (default 1,2,4)")
+    p.add_argument("--batches", default="auto", metavar="LIST",
+                   help="batches to measure when not stored yet, or auto: double from 1 until the peak grows (default)")
     p.add_argument("--capacity-gib", default=",".join(f"{c:g}" for c in predict.DEFAULT_CAPACITIES_GIB), metavar="LIST",
                    help="GPU sizes to predict for (default 24,40,80,141)")
     _margin_flag(p)
