@@ -12,13 +12,20 @@ an untouched process (``fresh=True``, e.g. the memory timeline) gets a new one.
 Every call first waits for its device in the machine-wide queue (``devicelock``), so two
 callers never measure one device at once.
 
+Workers are forked from a server process that has already imported torch and the engine
+(multiprocessing's forkserver with a preload): a new worker, after a failure or for a tool
+that needs an untouched process, is ready in a fraction of a second instead of the seconds
+a fresh interpreter spends importing torch. The server never touches a device, so each
+worker still initialises CUDA itself, for its one GPU.
+
 A worker never outlives its caller: a caller killed mid-run (kill -9, a closed terminal)
 must not leave a process computing on the device while the queue admits the next run,
 whose timings it would disturb. Three things see to that: on Linux the kernel kills the
-worker when its parent goes (``PR_SET_PDEATHSIG``); the worker ends itself when a progress
-message finds the pipe to its parent broken; and for the length of each call the worker
-holds a copy of the device-queue ticket's file descriptor, so the device stays locked until
-the worker too has exited (flock locks last while any copy of the open file is open).
+worker when its parent goes (``PR_SET_PDEATHSIG``; its parent is the fork server, which
+exits when the caller does); the worker ends itself when a progress message finds the pipe
+to its caller broken; and for the length of each call the worker holds a copy of the
+device-queue ticket's file descriptor, so the device stays locked until the worker too has
+exited (flock locks last while any copy of the open file is open).
 
 Protocol on the pipe (child -> parent): ("ready", pid) once, then per call any number of
 ("progress", Progress) and ("env", dict), and finally ("done", value) or ("failed",
@@ -27,7 +34,6 @@ descriptor (SCM_RIGHTS, ``multiprocessing.reduction.send_handle``), or None to e
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import gc
 import multiprocessing as mp
@@ -54,10 +60,8 @@ from .results import Result, classify_exception
 STARTUP_TIMEOUT_S = 120.0
 POLL_S = 0.05
 _ORPHAN_EXIT = 1  # exit code of a worker whose parent is gone (nobody reads it)
-# PR_SET_PDEATHSIG fires when the *thread* that started the child ends, not the process: a
-# Streamlit script thread ends after every rerun, which would kill the warm worker with it.
-# Workers are therefore started from this one thread, which lives as long as the process.
-_starter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tradeoff-lab-worker-starter")
+# What the fork server imports once, so that workers forked from it start warm.
+_PRELOAD = ["engine.measure"]
 
 
 @dataclass(frozen=True)
@@ -116,20 +120,33 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent goes (Linux), and leave at once if
-    the parent is already gone. Elsewhere the broken pipe at the next progress step ends it."""
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (the fork server) goes (Linux),
+    and leave at once if it went before that took effect. A caller that died even earlier
+    is noticed at the first read of the pipe (end of file), before anything runs.
+
+    The fork server exits when every process holding its "alive" pipe has gone; multiprocessing
+    hands that pipe to each forked child too, so this process lets go of its copy: then the
+    caller's death ends the server, and the server's ends this process.
+    """
+    import multiprocessing.forkserver
+
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1  # <linux/prctl.h>
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+    if os.getppid() != parent:
         os._exit(_ORPHAN_EXIT)
 
 
-def _child_main(conn, parent_pid: int, visible_devices: str | None) -> None:
-    _die_with_parent(parent_pid)
+def _child_main(conn, visible_devices: str | None) -> None:
+    _die_with_parent()
     if visible_devices is not None:
         # Before anything touches CUDA: this process sees exactly its one GPU, as cuda:0.
         devices.pin_this_process(visible_devices)
@@ -140,8 +157,8 @@ def _child_main(conn, parent_pid: int, visible_devices: str | None) -> None:
     # `python -m engine run --json`) carries only its own output.
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    # Loaded before "ready": importing torch takes seconds, which must not count against
-    # the first call's timeout.
+    # Loaded before "ready" (already, when forked from the server): importing torch takes
+    # seconds, which must not count against the first call's timeout.
     from . import measure  # noqa: F401
 
     conn.send(("ready", os.getpid()))
@@ -271,7 +288,8 @@ class Worker:
 
     def __init__(self, visible_devices: str | None = None) -> None:
         self._visible_devices = visible_devices
-        self._ctx = mp.get_context("spawn")
+        self._ctx = mp.get_context("forkserver")
+        self._ctx.set_forkserver_preload(_PRELOAD)
         self._proc = None
         self._conn = None
         self._ready = False  # the process has said "ready" (it was started by a call or by start())
@@ -367,9 +385,9 @@ class Worker:
 
     def _spawn(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, os.getpid(), self._visible_devices),
+        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, self._visible_devices),
                                        name="tradeoff-lab-worker", daemon=True)
-        _starter.submit(self._proc.start).result()
+        self._proc.start()
         child_conn.close()  # only the child holds its end, so its death reads as EOF here
         self._conn = parent_conn
         self._ready = False

@@ -197,11 +197,14 @@ def _children(pid: int) -> list[int]:
 
 
 def _worker_of(pid: int) -> int:
-    """The worker process (not multiprocessing's resource tracker) among ``pid``'s children."""
+    """``pid``'s worker process: a child of its fork server (itself one of ``pid``'s children,
+    beside multiprocessing's resource tracker)."""
     for child in _children(pid):
         with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                return child
+            if b"forkserver" in f.read():
+                workers = _children(child)
+                if workers:
+                    return workers[0]
     raise AssertionError(f"process {pid} has no worker")
 
 
