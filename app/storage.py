@@ -52,4 +52,4 @@ def database_errors_shown() -> Iterator[None]:
 
 def load_demo(store: Store) -> list[ImportOutcome]:
     """Import every bundle under app/demo/ (idempotent: a second load skips them all)."""
-    return [import_bundle(store, path.name, path.read_bytes()) for path in sorted(DEMO_DIR.glob("*.jsonl"))]
+    return [import_bundle(store, path.name, path.read_bytes(), origin="demo") for path in sorted(DEMO_DIR.glob("*.jsonl"))]

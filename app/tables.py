@@ -20,6 +20,7 @@ _COLUMNS = {
     "ckpt": lambda r: field_value(r, "ckpt"),
     "optimizer": lambda r: r.config.optimizer,
     "device": lambda r: r.env.label,
+    "environment": lambda r: r.environment_words,
     "samples/s": lambda r: r.metrics.samples_per_s,
     "tokens/s": lambda r: r.metrics.tokens_per_s,
     "step ms": lambda r: _median(r, "step_ms"),
@@ -34,6 +35,8 @@ _COLUMNS = {
     "id": lambda r: r.id,
 }
 RUN_COLUMNS = tuple(_COLUMNS)
+# A sweep's queue shows the noise beside the throughput, so a noisy row is not read as steady.
+_QUEUE_METRICS = ("samples/s", "step noise %", "peak GiB")
 METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms", "optimizer ms", "step noise %",
                   "peak GiB", "MFU %")
 
@@ -74,8 +77,8 @@ def diff_runs(a: Result, b: Result) -> tuple[pd.DataFrame, pd.DataFrame]:
     The metrics table lists every numeric metric with both values and the relative change
     (b / a - 1), empty where a value is missing or ``a`` is zero.
     """
-    settings_a = {**_flatten(a.config.to_dict(), "config"), **_flatten(a.env.to_dict(), "env")}
-    settings_b = {**_flatten(b.config.to_dict(), "config"), **_flatten(b.env.to_dict(), "env")}
+    settings_a, settings_b = ({**_flatten(r.config.to_dict(), "config"), **_flatten(r.env.to_dict(), "env"),
+                               "origin": r.origin_words} for r in (a, b))
     changes = [
         {"setting": key, "A": str(settings_a.get(key)), "B": str(settings_b.get(key))}
         for key in sorted(set(settings_a) | set(settings_b))
@@ -107,11 +110,10 @@ def queue_frame(configs: list[BenchConfig], results: list[Result], finished: boo
         row = {"#": i + 1, **{name: fields.get(k) for name, k in zip(names, varying)}}
         if i < len(results):
             result = results[i]
-            row.update(state="done", status=result.status, **{
-                "samples/s": result.metrics.samples_per_s, "peak GiB": _gib(result.metrics.peak_allocated_bytes)})
+            row.update(state="done", status=result.status, **{name: _COLUMNS[name](result) for name in _QUEUE_METRICS})
         elif i == len(results) and not finished:
             row["state"] = "waiting for the device" if waiting_for_device else "running"
         else:
             row["state"] = "not run" if finished else "waiting"
         rows.append(row)
-    return pd.DataFrame(rows, columns=["#", *names, "state", "status", "samples/s", "peak GiB"])
+    return pd.DataFrame(rows, columns=["#", *names, "state", "status", *_QUEUE_METRICS])

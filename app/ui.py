@@ -66,14 +66,24 @@ def three_charts(results: list[Result], key: str) -> None:
 
 
 def environment_note(results: list[Result]) -> None:
-    """Say which devices measured these runs; warn when they differ, so an H100 run is not
-    read as a laptop run (or the other way round)."""
-    devices = sorted({r.env.label for r in results})
-    if len(devices) > 1:
-        st.warning(f"These runs come from {len(devices)} different devices: {plain(', '.join(devices))}. "
-                   "Bars are coloured by device; compare like with like.")
-    else:
-        st.caption(f"Measured on: {plain(devices[0])}" if devices else "")
+    """Say which environment (device, versions, origin) measured these runs; warn when they
+    differ, so an H100 run is not read as a laptop run, nor a demo run as this machine's."""
+    environments = sorted({r.environment_words for r in results})
+    if len(environments) > 1:
+        st.warning(f"These runs come from {len(environments)} different environments: "
+                   + "; ".join(plain(words) for words in environments)
+                   + ". Bars are coloured by environment; compare like with like.")
+    elif environments:
+        st.caption(f"Measured on: {plain(environments[0])}")
+
+
+def noisy_runs_note(results: list[Result]) -> None:
+    """Name the runs whose step time varied past the noise threshold; their labels say "(noisy)"."""
+    noisy = [(label, r) for label, r in zip(run_labels(results), results) if r.ok and r.noisy]
+    if noisy:
+        st.warning(f"{len(noisy)} run(s) are noisy (step time varies more than 10 % between steps): "
+                   + "; ".join(plain(f"{label}: ±{r.metrics.step_ms.iqr_rel:.0%}") for label, r in noisy)
+                   + ". Their differences may be noise: measure them again with more steps, on a quieter machine.")
 
 
 def failed_runs_note(results: list[Result]) -> None:

@@ -12,10 +12,12 @@ target is always ``cuda:0``, and workers and the device queue are keyed by the G
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -187,10 +189,33 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# Both names configure the CUDA caching allocator (the second is the older, still read).
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def allocator_settings() -> str | None:
+    """The caching allocator's settings from the environment (``NAME=value``; None when unset):
+    expandable segments or a different split size change peak memory and speed."""
+    return "; ".join(f"{name}={os.environ[name]}" for name in ALLOC_CONF_VARIABLES if os.environ.get(name)) or None
+
+
+@functools.cache
+def this_host_id() -> str:
+    """This machine, as results record it: a hash of its machine id (else its host name), so
+    bundles shared with teammates never carry the id itself."""
+    try:
+        with open("/etc/machine-id", encoding="ascii") as f:
+            raw = f.read().strip()
+    except OSError:
+        raw = ""
+    return hashlib.sha1((raw or socket.gethostname()).encode()).hexdigest()[:12]
+
+
 def env_info(device: str) -> dict:
-    """``{device_type, device_name, capacity_bytes, torch, cuda, driver, python, cpu}`` for a
-    resolved device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``): the result's ``env``.
-    Runs in the worker, which owns the device."""
+    """The result's ``env`` for a resolved device string (``cpu``, ``cuda``, ``cuda:1``,
+    ``mps``): device type, name and capacity, torch/CUDA/driver/Python versions, the CPU,
+    and the fingerprint (host, GPU UUID, CPU threads, allocator settings) plus the load when
+    the run starts. Runs in the worker, which owns the device."""
     import torch
 
     dev = torch.device(device)
@@ -210,6 +235,11 @@ def env_info(device: str) -> dict:
         "driver": nvml.driver_version() if dev.type == "cuda" else None,
         "python": platform.python_version(),
         "cpu": cpu,
+        "host_id": this_host_id(),
+        "gpu_uuid": device_key(device) if dev.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "alloc_conf": allocator_settings() if dev.type == "cuda" else None,
+        "load_avg": os.getloadavg()[0] if dev.type == "cpu" and hasattr(os, "getloadavg") else None,
     }
 
 

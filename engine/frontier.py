@@ -1,8 +1,10 @@
 """The throughput-vs-memory frontier of stored runs and the configuration recommender.
 
 Works on stored Results only, so it needs no device (and no torch): a laptop can recommend from
-a teammate's H100 runs. Runs of different models or devices are never mixed: every
-function here first narrows the runs to one model (preset plus overrides) on one device.
+a teammate's H100 runs. Runs of different models or environments are never mixed: every
+function here first narrows the runs to one model (preset plus overrides) in one
+environment (``Result.environment``: where the runs come from and the machine's
+fingerprint), by default the runs measured on this machine when there are any.
 """
 from __future__ import annotations
 
@@ -14,21 +16,44 @@ from .results import Result
 
 
 class SelectionError(ValueError):
-    """The runs hold several models or devices and the caller did not say which one."""
+    """The runs hold several models or environments and the caller did not say which one."""
 
 
 # ------------------------------------------------------------------------- selecting runs
 def groups(results: Iterable[Result]) -> Counter:
-    """How many runs there are per (model label, device label)."""
-    return Counter((r.config.model_label, r.env.label) for r in results)
+    """How many runs there are per (model label, environment id)."""
+    return Counter((r.config.model_label, r.environment_id) for r in results)
 
 
-def select_runs(results: Iterable[Result], model: str | None = None, device: str | None = None) -> list[Result]:
-    """The runs of one model (its label, or a preset name) on one device.
+def measured_here(result: Result, host_id: str) -> bool:
+    """Whether this installation measured ``result`` on this machine."""
+    return result.origin == "here" and result.env.host_id == host_id
 
-    ``None`` means "the only one there is"; when the runs hold several, SelectionError
-    names them so the caller can pick.
-    """
+
+def one_environment(results: Iterable[Result], env: str | None = None, host_id: str | None = None) -> list[Result]:
+    """The runs of one environment: ``env`` (an environment id) when given; else the runs
+    measured here (on the machine ``host_id``) when there are any, else the input's; the
+    chosen runs must then hold one environment, or SelectionError lists them to pick from."""
+    runs = list(results)
+    if env is not None:
+        runs = [r for r in runs if r.environment_id == env]
+        if not runs:
+            raise SelectionError(f"no runs in environment {env!r}")
+        return runs
+    here = [r for r in runs if host_id is not None and measured_here(r, host_id)]
+    runs = here or runs
+    seen = {r.environment_id: r.environment_words for r in runs}
+    if len(seen) > 1:
+        raise SelectionError("the runs come from several environments (" + "; ".join(sorted(seen.values()))
+                             + "); pick one")
+    return runs
+
+
+def select_runs(results: Iterable[Result], model: str | None = None, env: str | None = None,
+                host_id: str | None = None) -> list[Result]:
+    """The runs of one model (its label, or a preset name) in one environment
+    (``one_environment``). ``None`` model means "the only one there is"; when the runs hold
+    several, SelectionError names them so the caller can pick."""
     runs = list(results)
     if model is not None:
         # An exact label picks those runs; a bare preset name picks every variant of it.
@@ -36,17 +61,10 @@ def select_runs(results: Iterable[Result], model: str | None = None, device: str
         runs = exact or [r for r in runs if r.config.model == model]
         if not runs:
             raise SelectionError(f"no runs of model {model!r}")
-    if device is not None:
-        runs = [r for r in runs if r.env.label == device]
-        if not runs:
-            raise SelectionError(f"no runs on device {device!r}")
     models_seen = sorted({r.config.model_label for r in runs})
     if len(models_seen) > 1:
         raise SelectionError(f"the runs hold several models ({'; '.join(models_seen)}); pick one")
-    devices_seen = sorted({r.env.label for r in runs})
-    if len(devices_seen) > 1:
-        raise SelectionError(f"the runs come from several devices ({'; '.join(devices_seen)}); pick one")
-    return runs
+    return one_environment(runs, env, host_id)
 
 
 # ------------------------------------------------------------------------- frontier
@@ -86,10 +104,6 @@ def too_close(a: Result, b: Result) -> bool:
     return a_low <= b_high and b_low <= a_high
 
 
-def _noisy(result: Result) -> bool:
-    return result.metrics.step_ms is not None and result.metrics.step_ms.noisy
-
-
 def _entry(result: Result, budget_bytes: float) -> dict:
     peak = result.metrics.peak_allocated_bytes
     return {
@@ -97,7 +111,7 @@ def _entry(result: Result, budget_bytes: float) -> dict:
         "config": result.config.to_dict(),
         "samples_per_s": result.metrics.samples_per_s,
         "samples_per_s_range": list(throughput_range(result)),
-        "noisy": _noisy(result),
+        "noisy": result.noisy,
         "peak_allocated_bytes": peak,
         "margin_bytes": budget_bytes - peak,
     }
@@ -121,27 +135,29 @@ def recommend(
     effective_batch: int,
     memory_budget_gib: float,
     model: str | None = None,
-    device: str | None = None,
+    env: str | None = None,
+    host_id: str | None = None,
 ) -> dict:
     """The fastest measured configuration of ``effective_batch`` whose peak fits the budget.
 
     Returns ``fits``, ``best`` and ``runner_up`` (each id, config, samples_per_s,
     peak_allocated_bytes, margin_bytes, or None), ``closest`` (when nothing fits: the run
     at that effective batch needing the least memory), counts, and ``answer`` in words.
-    Raises SelectionError when the runs mix models or devices and none was picked.
+    Raises SelectionError when the runs mix models or environments and none was picked
+    (``host_id``: this machine, whose own runs are the default).
     """
     if effective_batch < 1:
         raise ValueError(f"effective batch must be >= 1, got {effective_batch}")
     if not memory_budget_gib > 0:
         raise ValueError(f"memory budget must be > 0 GiB, got {memory_budget_gib}")
-    runs = select_runs(results, model, device)
+    runs = select_runs(results, model, env, host_id)
     budget = memory_budget_gib * GIB
     at_batch = [r for r in runs if r.metrics.effective_batch == effective_batch]
     candidates = measured(at_batch)
     fitting = sorted((r for r in candidates if r.metrics.peak_allocated_bytes <= budget),
                      key=lambda r: (-r.metrics.samples_per_s, r.metrics.peak_allocated_bytes))
     # A noisy winner within a steady runner-up's spread is no winner: prefer the steady run.
-    if len(fitting) > 1 and _noisy(fitting[0]) and not _noisy(fitting[1]) and too_close(fitting[0], fitting[1]):
+    if len(fitting) > 1 and fitting[0].noisy and not fitting[1].noisy and too_close(fitting[0], fitting[1]):
         fitting[0], fitting[1] = fitting[1], fitting[0]
     close = len(fitting) > 1 and too_close(fitting[0], fitting[1])
     answer = {
@@ -155,6 +171,7 @@ def recommend(
         "over_budget": len(candidates) - len(fitting),
         "failed": sum(not r.ok for r in at_batch),
         "too_close_to_call": close,
+        "environment": runs[0].environment_words if runs else None,
     }
     if fitting:
         best = answer["best"]
@@ -195,7 +212,8 @@ def missing_candidates(
     effective_batch: int,
     memory_budget_gib: float,
     model: str | None = None,
-    device: str | None = None,
+    env: str | None = None,
+    host_id: str | None = None,
 ) -> list[BenchConfig]:
     """Configurations the recommendation depends on that were never measured.
 
@@ -206,7 +224,7 @@ def missing_candidates(
     out of memory or exceeded the budget (memory grows with the micro-batch).
     Other fields (model, overrides, steps, device, ...) come from the newest run.
     """
-    runs = select_runs(results, model, device)
+    runs = select_runs(results, model, env, host_id)
     if not runs:
         return []
     budget = memory_budget_gib * GIB

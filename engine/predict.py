@@ -146,18 +146,23 @@ def curve_key(config: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in config.items() if k not in _MEASUREMENT_ONLY))
 
 
-def measured_points(results: Iterable[Result], config: BenchConfig, device_type: str) -> list[tuple[int, float, Result]]:
+def measured_points(results: Iterable[Result], config: BenchConfig, device_type: str,
+                    host_id: str) -> list[tuple[int, float, Result]]:
     """(batch, peak allocated bytes, result) of the ok results on ``config``'s memory curve
-    measured on a ``device_type`` device ("cpu", "cuda"), newest result per batch
-    (``results`` are assumed newest first, as the store lists them)."""
+    measured on this machine (``host_id``) on a ``device_type`` device ("cpu", "cuda"), in
+    one environment (the newest run's: a fit never mixes machines or software versions),
+    newest result per batch (``results`` are assumed newest first, as the store lists them)."""
     key = curve_key(config.to_dict())
     points: dict[int, tuple[int, float, Result]] = {}
+    environment = None
     for result in results:
         peak = result.metrics.peak_allocated_bytes
-        if not result.ok or peak is None or result.env.device_type != device_type \
-                or curve_key(result.config.to_dict()) != key:
+        if not result.ok or peak is None or result.env.device_type != device_type or result.origin != "here" \
+                or result.env.host_id != host_id or curve_key(result.config.to_dict()) != key:
             continue
-        points.setdefault(result.config.batch, (result.config.batch, float(peak), result))
+        environment = environment or result.environment_id
+        if result.environment_id == environment:
+            points.setdefault(result.config.batch, (result.config.batch, float(peak), result))
     return sorted(points.values(), key=lambda p: p[0])
 
 
@@ -239,6 +244,7 @@ class _ModelFacts:
     # one repeated block and those outside the blocks (the tied lm_head for GPT).
     cast_elems_per_block: int
     cast_elems_outside: int
+    batch_norm_layers: tuple[str, ...]
 
 
 def _model_facts(config: BenchConfig) -> _ModelFacts | None:
@@ -277,7 +283,14 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
         n_param_tensors=len(params),
         cast_elems_per_block=sum(in_blocks.values()) // max(1, n_blocks),
         cast_elems_outside=sum(outside.values()),
+        batch_norm_layers=tuple(models.batch_norm_layers(model)),
     )
+
+
+def batch_norm_layers(config: BenchConfig) -> tuple[str, ...] | None:
+    """The model's BatchNorm layers, from its meta build (None when it cannot be built there)."""
+    facts = _model_facts(config)
+    return None if facts is None else facts.batch_norm_layers
 
 
 def optimizer_state_bytes(optimizer: str, n_params: int, n_param_tensors: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,9 @@ from .stats import Summary
 SCHEMA = "tradeoff-lab/result/v1"
 Status = Literal["ok", "oom", "error", "timeout", "cancelled"]
 STATUSES: tuple[str, ...] = typing.get_args(Status)
+Origin = Literal["here", "imported", "demo"]
+ORIGINS: tuple[str, ...] = typing.get_args(Origin)
+ORIGIN_WORDS = {"here": "measured here", "imported": "imported", "demo": "demo data"}
 FAILED_STATUSES = STATUSES[1:]
 PHASES = ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")
 # The config fields every reader relies on; others may be absent in results written by a
@@ -114,7 +118,8 @@ _LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_by
 
 @dataclass(frozen=True)
 class Env:
-    """The environment a result was measured in."""
+    """The environment a result was measured in, with the fingerprint that tells one machine
+    and software stack from another (``host_id`` is a hash, never the machine's own id)."""
 
     device_type: str | None = None
     device_name: str | None = None
@@ -124,17 +129,31 @@ class Env:
     driver: str | None = None
     python: str | None = None
     cpu: str | None = None
+    host_id: str | None = None
+    gpu_uuid: str | None = None
+    cpu_threads: int | None = None
+    alloc_conf: str | None = None
+    load_avg: float | None = None  # the machine's 1-minute load when a CPU run started (not identity)
 
     @property
     def label(self) -> str:
         """The device in words: its name, else its type."""
         return self.device_name or self.device_type or "unknown device"
 
+    @property
+    def fingerprint(self) -> tuple:
+        """What makes two runs' numbers comparable: the device (its GPU's UUID, else the host),
+        the CPU threads, the software versions and the allocator settings."""
+        return (self.device_type, self.device_name, self.gpu_uuid or self.host_id, self.cpu_threads, self.torch,
+                self.cuda, self.driver, self.alloc_conf)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 ENV_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Env))
+_ENV_KINDS = {key: next(a for a in typing.get_args(hint) if a is not type(None))
+              for key, hint in typing.get_type_hints(Env).items()}
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,7 @@ class Result:
     warnings: tuple[str, ...] = ()
     sweep_id: str | None = None
     checkpointed: Checkpointed | None = None  # which blocks checkpointing wrapped (ok runs with it)
+    origin: Origin = "here"  # measured by this installation, imported from a file, or the demo data
 
     @classmethod
     def new(cls, config: BenchConfig, status: str, env: Env | dict, metrics: Metrics | None = None,
@@ -231,10 +251,36 @@ class Result:
 
     @property
     def environment(self) -> tuple:
-        """What must match for two runs' numbers to be compared: the hardware and software
-        that measured them."""
+        """What must match for two runs' numbers to be compared or decided on together: where
+        they come from and the environment's fingerprint."""
+        return (self.origin, *self.env.fingerprint)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the step time varied between steps past the noise threshold (IQR/median)."""
+        return self.metrics.step_ms is not None and self.metrics.step_ms.noisy
+
+    @property
+    def origin_words(self) -> str:
+        """Where the run comes from, in words: measured here, imported, demo data."""
+        return ORIGIN_WORDS[self.origin]
+
+    @property
+    def environment_id(self) -> str:
+        """A short, stable name for ``environment`` (``--env ID``, the pages' pickers)."""
+        return hashlib.sha1(repr(self.environment).encode()).hexdigest()[:8]
+
+    @property
+    def environment_words(self) -> str:
+        """The environment in words: device, versions, where the run comes from."""
         e = self.env
-        return (e.device_type, e.device_name, e.cpu, e.torch, e.cuda, e.driver)
+        parts = [e.label]
+        if e.cpu_threads:
+            parts.append(f"{e.cpu_threads} threads")
+        parts.append(f"torch {e.torch or '?'}" + (f", CUDA {e.cuda}" if e.cuda else ""))
+        if e.alloc_conf:
+            parts.append(e.alloc_conf)
+        return f"{', '.join(parts)} · {self.origin_words} [{self.environment_id}]"
 
     @property
     def memory_limit_bytes(self) -> float | None:
@@ -260,6 +306,7 @@ class Result:
             "sweep_id": self.sweep_id,
             "warnings": list(self.warnings),
             "checkpointed": None if self.checkpointed is None else self.checkpointed.to_dict(),
+            "origin": self.origin,
         }
 
     def to_json(self) -> str:
@@ -417,9 +464,13 @@ def _decode_config(config) -> BenchConfig:
 def _decode_env(env) -> Env:
     if not isinstance(env, dict):
         raise _Invalid("env must be an object")
-    values = {key: _text(env.get(key), f"env.{key}", limit=500) for key in ENV_KEYS if key != "capacity_bytes"}
-    capacity = env.get("capacity_bytes")
-    return Env(capacity_bytes=None if capacity is None else _integer(capacity, "env.capacity_bytes"), **values)
+    values = {}
+    for key in ENV_KEYS:
+        value, where = env.get(key), f"env.{key}"
+        kind = _ENV_KINDS[key]
+        values[key] = None if value is None else _integer(value, where) if kind is int else \
+            _number(value, where) if kind is float else _text(value, where, limit=500)
+    return Env(**values)
 
 
 def _decode_result(obj) -> Result:
@@ -461,7 +512,14 @@ def _decode_result(obj) -> Result:
         warnings=tuple(_text(w, "warnings", nullable=False) for w in warnings or ()),
         sweep_id=_text(obj.get("sweep_id"), "sweep_id", limit=200),
         checkpointed=None if obj.get("checkpointed") is None else Checkpointed.from_dict(obj["checkpointed"]),
+        origin=_origin(obj.get("origin", "here")),
     )
+
+
+def _origin(value) -> str:
+    if value not in ORIGINS:
+        raise _Invalid(f"origin {_short(value)} is not one of {', '.join(ORIGINS)}")
+    return value
 
 
 def _short(value) -> str:

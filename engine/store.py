@@ -218,16 +218,17 @@ class ImportOutcome:
         return " ".join([text, *(f"Note: {note}." for note in self.notes)])
 
 
-def import_bundle(store: Store, name: str, data: bytes) -> ImportOutcome:
+def import_bundle(store: Store, name: str, data: bytes, origin: str = "imported") -> ImportOutcome:
     """Import the results file ``data`` (named ``name`` in messages) into ``store``: the whole
     file is validated first (``decode_results``), so a bad file imports nothing; then every
-    result is added in one transaction. Raises StoreError only if the database cannot take
-    the write."""
+    result is added in one transaction, recorded with ``origin`` ("imported", or "demo" for
+    the demo data): runs measured elsewhere never pass for this machine's. Demo runs stay
+    demo whoever imports them. Raises StoreError only if the database cannot take the write."""
     try:
         results = decode_results(data, name)
     except ResultFormatError as exc:
         return ImportOutcome(name, error=str(exc))
     if not results:
         return ImportOutcome(name, error=f"{name}: the file holds no results", notes=results.notes)
-    added, skipped = store.add_many(results)
+    added, skipped = store.add_many(r if r.origin == "demo" else r.replace(origin=origin) for r in results)
     return ImportOutcome(name, added, skipped, notes=results.notes)

@@ -70,6 +70,24 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
     return configs, notes
 
 
+def accumulation_notes(configs: list[BenchConfig]) -> list[str]:
+    """One note per model in ``configs`` whose accumulated runs will not be one big batch
+    (BatchNorm normalises each micro-batch on its own); said before the sweep starts so
+    that a sweep at a fixed effective batch is not read as equivalent runs."""
+    from .measure import batch_norm_warning
+    from .predict import batch_norm_layers
+
+    notes, seen = [], set()
+    for config in configs:
+        key = (config.model, tuple(sorted(config.overrides.items())))
+        if config.accum <= 1 or key in seen:
+            continue
+        seen.add(key)
+        if note := batch_norm_warning(list(batch_norm_layers(config) or ()), config.accum):
+            notes.append(f"{config.model}: {note}")
+    return notes
+
+
 def run_sweep(
     configs: list[BenchConfig],
     progress: ProgressFn | None = None,

@@ -8,8 +8,9 @@ from engine.config import GIB, BenchConfig
 from engine.results import Env, MemoryBreakdown, Metrics, Result
 from engine.stats import Summary
 
+TEST_HOST = "test-host"
 CPU_ENV = Env(device_type="cpu", device_name="Test CPU", capacity_bytes=16 * GIB, torch="2.13.0", cuda=None,
-              driver=None, python="3.11.7", cpu="Test CPU")
+              driver=None, python="3.11.7", cpu="Test CPU", host_id=TEST_HOST, cpu_threads=2)
 H100_ENV = Env(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capacity_bytes=80 * GIB, torch="2.13.0",
                cuda="12.8", driver="570.00", python="3.11.7", cpu="Xeon")
 PHASES = ("step_ms", "forward_ms", "backward_ms", "optimizer_ms")

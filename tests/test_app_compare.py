@@ -1,4 +1,6 @@
 """Compare page: the latest sweep by default, failed runs as placeholders, environments, diff."""
+import dataclasses
+
 from tests.app_fixtures import (H100_ENV, app_db, chart, chart_titles, make_result, make_sweep, open_app,  # noqa: F401
                                 with_metrics)
 
@@ -24,7 +26,8 @@ def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
         [failed] = [t for t in figure["data"] if t["name"] == "failed runs"]
         assert failed["x"] == ["b4 · fp32", "b4 · bf16"] and failed["text"] == ["OOM", "OOM"]
     assert "2 run(s) did not finish" in at.expander[0].label and "OOM" in at.expander[0].label
-    assert "Measured on: Test CPU" in [c.value for c in at.caption]
+    [caption] = [c.value for c in at.caption if c.value.startswith("Measured on:")]
+    assert "Test CPU, 2 threads, torch 2\\.13\\.0 · measured here" in caption  # Markdown-escaped
 
 
 def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
@@ -32,7 +35,7 @@ def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
     app_db.add_many([laptop, h100])
     at = open_app("views/compare.py")
     assert at.selectbox(key="compare.source").value == "Hand-picked runs"  # no sweep stored
-    assert "2 different devices" in at.warning[0].value and "NVIDIA H100 80GB HBM3" in at.warning[0].value
+    assert "2 different environments" in at.warning[0].value and "NVIDIA H100 80GB HBM3" in at.warning[0].value
     legend = sorted(t["name"] for t in chart(at, "Throughput")["data"])
     assert legend == ["NVIDIA H100 80GB HBM3", "Test CPU"]
     changes, metrics = at.dataframe[-2].value, at.dataframe[-1].value
@@ -82,3 +85,44 @@ def test_presentation_mode_enlarges_fonts_and_charts(app_db):
     big = chart(at, "Throughput")["layout"]
     assert big["height"] > normal["height"] and big["font"]["size"] > normal.get("font", {}).get("size", 12)
     assert [h for h in at.get("html") if "font-size" in h.proto.body]
+
+
+def test_demo_runs_beside_this_machines_are_marked_with_their_origin(app_db):
+    here, demo = make_result(batch=8), make_result(batch=8).replace(origin="demo")
+    app_db.add_many([here, demo])
+    at = open_app("views/compare.py")
+    warning = at.warning[0].value
+    assert "2 different environments" in warning and "demo data" in warning and "measured here" in warning
+    legend = sorted(t["name"] for t in chart(at, "Throughput")["data"])
+    assert legend == ["Test CPU · demo data", "Test CPU · measured here"]  # same device name, told apart
+    chosen = at.multiselect(key="compare.runs")
+    assert sorted(chosen.format_func(i).split(" · ")[-2] for i in chosen.value) == ["demo data", "measured here"]
+    changes = at.dataframe[-2].value
+    assert dict(zip(changes["setting"], changes["B"]))["origin"] in ("demo data", "measured here")
+
+
+def test_noisy_runs_are_named_and_marked(app_db):
+    steady, noisy = make_sweep("s", batches=(1, 2), precisions=("fp32",))
+    noisy = with_metrics(noisy, step_ms=dataclasses.replace(noisy.metrics.step_ms, iqr_rel=1.14))
+    app_db.add_many([steady, noisy])
+    at = open_app("views/compare.py")
+    [warning] = [w.value for w in at.warning if "noisy" in w.value]
+    assert "1 run(s) are noisy" in warning and "±114%" in warning
+    assert sorted(chart(at, "Throughput")["data"][0]["x"]) == ["b1", "b2 (noisy)"]
+
+
+def test_the_diff_never_compares_a_run_with_itself(app_db):
+    app_db.add_many(make_sweep("s", batches=(1, 2), precisions=("fp32",), oom_batch=2))
+    at = open_app("views/compare.py")
+    assert "Diff of two runs" in [s.value for s in at.subheader]
+    assert "Only 1 of these runs finished: there is nothing to diff." in [i.value for i in at.info]
+    assert not [s for s in at.selectbox if s.key in ("compare.diff_a", "compare.diff_b")]
+
+    app_db.add_many(make_sweep("t", batches=(1, 2, 4), precisions=("fp32",)))
+    at = open_app("views/compare.py")
+    a, b = at.selectbox(key="compare.diff_a"), at.selectbox(key="compare.diff_b")
+    assert (len(a.options), len(b.options)) == (3, 2)
+    assert a.value != b.value and a.format_func(a.value) not in b.options
+    a.set_value(b.value).run()  # choosing B's run as A moves B to another run
+    a, b = at.selectbox(key="compare.diff_a"), at.selectbox(key="compare.diff_b")
+    assert a.value != b.value

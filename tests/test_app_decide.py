@@ -1,6 +1,9 @@
 """Decide page (AppTest): answers from stored runs, the shared configuration, and the tools
 that measure, run for real on a tiny CPU config from the page."""
+import dataclasses
+
 from app import form
+from engine.devices import this_host_id
 from app.charts import decisions
 from tests.app_fixtures import (H100_ENV, app_db, chart, chart_titles, click, finished, make_sweep, open_app,  # noqa: F401
                                 shown, task, tiny_settings, wait_until, with_metrics)
@@ -57,6 +60,27 @@ def test_stored_runs_give_an_answer_in_words_and_the_frontier(app_db):
     assert not [b for b in at.button if b.label == "Measure missing candidates"]
     at.number_input(key="decide.rec.budget").set_value(0.001).run()
     assert shown(at.warning[0].value).startswith("Nothing measured at effective batch 2 fits 0.001 GiB. Closest:")
+
+
+def test_the_recommender_answers_from_this_machines_runs_not_the_faster_demo_data(app_db):
+    here_env = dataclasses.replace(make_sweep()[0].env, host_id=this_host_id())
+    local = make_sweep("local", batches=(1, 2), precisions=("fp32",), env=here_env)
+    # The demo data names the same CPU and is 8× faster.
+    demo = [with_metrics(r, samples_per_s=8 * r.metrics.samples_per_s).replace(origin="demo")
+            for r in make_sweep("demo", batches=(1, 2), precisions=("fp32",), env=here_env)]
+    app_db.add_many(local + demo)
+    at = open_app("views/decide.py")
+    group = at.selectbox(key="decide.rec.group")
+    assert "measured here" in group.format_func(group.value) and len(group.options) == 2
+    at.number_input(key="decide.rec.effective").set_value(2).run()
+    at.number_input(key="decide.rec.budget").set_value(80.0).run()
+    [answer] = [shown(s.value) for s in at.success]
+    assert f"{round(local[1].metrics.samples_per_s):,} samples/s" in answer
+    assert f"{round(demo[1].metrics.samples_per_s):,}" not in answer
+    # The other environment is there to pick, never mixed in.
+    at.selectbox(key="decide.rec.group").set_value([o for o in group.options if "demo data" in o][0]).run()
+    [answer] = [shown(s.value) for s in at.success]
+    assert f"{round(demo[1].metrics.samples_per_s):,} samples/s" in answer
 
 
 def test_tools_measure_a_tiny_cpu_config_from_the_page(app_db):

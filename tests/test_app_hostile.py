@@ -83,7 +83,7 @@ def test_every_page_shows_hostile_text_as_plain_text(hostile_store):
     for page in PAGES[1:]:
         assert_plain_markdown(visit(at, page))
     at.switch_page("views/compare.py").run()
-    assert any("different devices" in t and HTML_IMAGE in shown(t) for t in markdown_texts(at))
+    assert any("different environments" in t and HTML_IMAGE in shown(t) for t in markdown_texts(at))
     # Charts: plotly draws <a href> and friends in names, labels and hover text; each
     # hostile tag reaches the figure escaped, so it is drawn as text.
     strings = chart_strings(at)

@@ -68,6 +68,7 @@ def test_load_demo_data_puts_real_recorded_runs_in_the_store(app_db):
     at = click(open_app("views/results.py"), "Load demo data")
     assert app_db.count() == len(demo)
     assert "imported" in messages(at)[0][0]
+    assert {r.origin for r in app_db.list()} == {"demo"}  # never mistaken for runs measured here
     click(at, "Load demo data")
     assert app_db.count() == len(demo)  # a second load skips every run
 

@@ -55,7 +55,11 @@ def test_a_sweep_shows_its_queue_and_stores_every_run_as_one_sweep(app_db):
     stored = app_db.list()
     assert sorted(r.config.batch for r in stored) == [1, 2]
     assert len({r.sweep_id for r in stored}) == 1 and stored[0].sweep_id
-    assert list(at.dataframe[0].value["state"]) == ["done", "done"]
+    done = at.dataframe[0].value
+    assert list(done["state"]) == ["done", "done"]
+    by_batch = {r.config.batch: r for r in stored}
+    # The step time's spread beside each row's throughput: a noisy row is visible as such.
+    assert list(done["step noise %"]) == [100 * by_batch[b].metrics.step_ms.iqr_rel for b in (1, 2)]
     assert [r.status for r in state.results] == ["ok", "ok"]
     assert chart_titles(at) == ["Throughput", "Peak memory", "Backward time"]
 

@@ -135,6 +135,20 @@ def test_sweep_with_effective_batch_then_show(tmp_path, capsys):
     header, rule, row = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["id", "status", "model"]
     assert row.split()[:3] == [result.id[:8], "ok", "gpt-tiny"]
+    spread = header.index("spread")  # the step time's spread, so a noisy run is not read as a steady one
+    assert row[spread:].startswith(f"±{result.metrics.step_ms.iqr_rel:.0%}")
+    assert ("noisy" in row[spread:].split()[0:2]) == result.metrics.step_ms.noisy
+
+
+def test_a_sweep_at_one_effective_batch_says_up_front_when_batch_norm_makes_runs_differ(tmp_path, capsys):
+    cnn = ["--model", "cnn", "--set", "image_size=8", "--set", "width=8", "--set", "depth=1", "--device", "cpu",
+           "--warmup", "1", "--steps", "1"]
+    assert cli.main(["sweep", *cnn, "--batch", "1,2", "--effective-batch", "2", "--out", str(tmp_path / "r.jsonl")]) == 0
+    err = capsys.readouterr().err
+    [note] = [line for line in err.splitlines() if line.startswith("note: cnn:")]
+    assert "BatchNorm" in note and "each of the 2 micro-batches is normalised on its own" in note
+    assert cli.main(["sweep", *TINY, "--batch", "1,2", "--effective-batch", "2", "--out", str(tmp_path / "g.jsonl")]) == 0
+    assert "BatchNorm" not in capsys.readouterr().err  # GPT has none
 
 
 def test_devices_says_what_is_there(capsys):

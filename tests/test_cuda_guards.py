@@ -425,3 +425,13 @@ def test_the_baseline_is_its_own_reference_without_running(monkeypatch):
 
     monkeypatch.setattr(numerics, "first_step_grads", lambda config: pytest.fail("ran a step for the baseline"))
     assert numerics.grad_rel_diff(BenchConfig(device="cuda", warmup=1)) == (0.0, None)
+
+
+def test_the_allocator_settings_are_part_of_the_environment(monkeypatch):
+    from engine.devices import allocator_settings
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert allocator_settings() is None
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert allocator_settings() == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"

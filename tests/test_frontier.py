@@ -133,13 +133,14 @@ def test_a_noisy_winner_within_a_steady_runners_spread_gives_way():
     assert "(noisy: step time varies more than 10 %)" in answer["answer"]
 
 
-def test_runs_of_several_models_or_devices_need_a_choice():
+def test_runs_of_several_models_or_environments_need_a_choice():
     runs = [run(batch=1), run(batch=1, overrides=TINY), run(batch=1, env=dataclasses.replace(H100_ENV, device_name="NVIDIA A100"))]
     with pytest.raises(frontier.SelectionError, match="several models"):
         frontier.recommend(runs, 1, 80)
-    with pytest.raises(frontier.SelectionError, match="several devices"):
+    with pytest.raises(frontier.SelectionError, match="several environments") as info:
         frontier.recommend(runs, 1, 80, model="gpt-tiny")  # the exact label: runs 0 and 2
-    assert frontier.recommend(runs, 1, 80, model="gpt-tiny", device="NVIDIA A100")["best"]["id"] == runs[2].id
+    assert f"[{runs[2].environment_id}]" in str(info.value)  # the id to pass as --env
+    assert frontier.recommend(runs, 1, 80, model="gpt-tiny", env=runs[2].environment_id)["best"]["id"] == runs[2].id
     answer = frontier.recommend(runs, 1, 80, model=runs[1].config.model_label)
     assert answer["best"]["id"] == runs[1].id
     with pytest.raises(frontier.SelectionError, match="no runs of model"):
@@ -212,3 +213,55 @@ def test_recommend_command_names_the_models_to_choose_from(tmp_path, capsys):
     write_jsonl(path, [run(batch=1), run(batch=1, overrides=TINY)])
     assert cli.main(["recommend", "--results", str(path), "--effective-batch", "1", "--memory-budget-gib", "80"]) == 2
     assert "several models" in capsys.readouterr().err
+
+
+HERE = "this-machine"
+
+
+def _on(result, host, origin="here"):
+    return result.replace(env=dataclasses.replace(result.env, host_id=host), origin=origin)
+
+
+def test_demo_and_imported_runs_never_pass_for_this_machines():
+    # The demo bundle was recorded on a CPU with the same name as this one, and is 8× faster.
+    local = [_on(run(samples_per_s=s, peak_gib=1, batch=b, accum=4 // b), HERE) for s, b in ((10, 1), (12, 2))]
+    demo = [_on(run(samples_per_s=s, peak_gib=1, batch=b, accum=4 // b), "elsewhere", "demo") for s, b in ((90, 1), (95, 4))]
+    imported = [_on(run(samples_per_s=80, peak_gib=1, batch=4), "teammate", "imported")]
+    answer = frontier.recommend(local + demo + imported, 4, 80, host_id=HERE)
+    assert answer["best"]["id"] == local[1].id and "measured here" in answer["environment"]
+    # Without runs measured here, the input must hold one environment, or the caller picks.
+    with pytest.raises(frontier.SelectionError, match="several environments"):
+        frontier.recommend(demo + imported, 4, 80, host_id=HERE)
+    picked = frontier.recommend(demo + imported, 4, 80, env=demo[0].environment_id, host_id=HERE)
+    assert picked["best"]["id"] == demo[1].id and "demo data" in picked["environment"]
+
+
+def test_an_environment_is_its_origin_and_fingerprint():
+    base = run(batch=1)
+    assert base.environment_id == run(batch=2).environment_id
+    for changed in (base.replace(origin="imported"), base.replace(env=dataclasses.replace(base.env, torch="2.14.0")),
+                    base.replace(env=dataclasses.replace(base.env, cpu_threads=8)),
+                    base.replace(env=dataclasses.replace(base.env, gpu_uuid="GPU-other"))):
+        assert changed.environment_id != base.environment_id
+    # The load when a run started is recorded, but two runs of one machine stay one environment.
+    assert base.replace(env=dataclasses.replace(base.env, load_avg=3.5)).environment_id == base.environment_id
+
+
+def test_recommend_on_a_database_holding_demo_and_local_runs_answers_from_the_local_ones(tmp_path, capsys):
+    from engine.devices import this_host_id
+    from engine.store import Store
+
+    db = str(tmp_path / "runs.sqlite")
+    local = [_on(run(samples_per_s=s, peak_gib=1, batch=b, accum=4 // b), this_host_id()) for s, b in ((10, 1), (12, 2))]
+    demo = [_on(run(samples_per_s=90, peak_gib=1, batch=4), "elsewhere", "demo")]
+    Store(db).add_many(local + demo)
+    args = ["recommend", "--db", db, "--effective-batch", "4", "--memory-budget-gib", "80"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "12" in out and "90" not in out.splitlines()[0]
+    assert f"From the runs of: {local[0].environment_words}" in out
+    assert cli.main([*args, "--env", demo[0].environment_id, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["best"]["id"] == demo[0].id and "demo data" in answer["environment"]
+    assert cli.main([*args, "--env", "nosuchid"]) == 2
+    assert "nosuchid" in capsys.readouterr().err

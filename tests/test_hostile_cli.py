@@ -145,6 +145,7 @@ def test_import_bundle_is_the_results_pages_import(tmp_path):
     outcome = import_bundle(store, "team.jsonl", dumps_jsonl(payload_results()).encode())
     assert (outcome.ok, outcome.added, outcome.skipped) == (True, 2, 0)
     assert MARKDOWN_IMAGE in store.list()[0].env.device_name  # hostile text is stored as data
+    assert {r.origin for r in store.list()} == {"imported"}  # a teammate's runs never pass for this machine's
     assert import_bundle(store, "empty.jsonl", b"").error == "empty.jsonl: the file holds no results"
     sqlite = import_bundle(store, "runs.sqlite", (tmp_path / "runs.sqlite").read_bytes())
     assert sqlite.error == "runs.sqlite: a SQLite database of runs, not a results file"

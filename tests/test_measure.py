@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from engine import BenchConfig, models, results
+from engine.devices import this_host_id
 from engine.measure import _skipped_steps, run_benchmark
 from tests.factories import assert_valid
 from tests.test_step import TINY
@@ -28,6 +29,9 @@ def test_gpt_tiny_result_is_schema_complete():
     assert set(results.ENV_KEYS) == set(result.env.to_dict())
     assert result.env.device_type == "cpu" and result.env.torch == torch.__version__
     assert result.env.cpu and result.env.python
+    # The fingerprint that tells this machine's runs from a teammate's or the demo's.
+    assert result.env.host_id == this_host_id() and result.env.cpu_threads == torch.get_num_threads()
+    assert result.env.gpu_uuid is None and result.env.load_avg is not None and result.origin == "here"
 
     m = result.metrics
     assert set(results.METRIC_KEYS) == set(m.to_dict())

@@ -6,10 +6,10 @@ import pytest
 
 import dataclasses
 
-from engine import cli, memory, models, predict, presets
+from engine import cli, devices, memory, models, predict, presets
 from engine.config import GIB, BenchConfig
 from engine.step import build_step
-from tests.factories import CPU_ENV, make_result, with_metrics
+from tests.factories import CPU_ENV, TEST_HOST, make_result, with_metrics
 
 TINY = {"n_layers": 2, "seq_len": 32, "d_model": 64, "n_heads": 2, "vocab": 256}
 GPT_PRESETS = [name for name, (family, _) in presets.PRESETS.items() if family == "gpt"]
@@ -63,8 +63,11 @@ def test_measured_points_take_one_curve_on_one_device_newest_first():
         make_result(batch=8, precision="bf16", **base),  # another curve
         make_result("oom", batch=16, **base),  # no peak
         make_result(batch=1, env=dataclasses.replace(CPU_ENV, device_type="cuda"), **base),  # another device
+        make_result(batch=32, **base).replace(origin="demo"),  # not measured here
+        make_result(batch=64, env=dataclasses.replace(CPU_ENV, host_id="elsewhere"), **base),  # another machine
+        make_result(batch=128, env=dataclasses.replace(CPU_ENV, torch="2.12.0"), **base),  # older software: older run
     ]
-    points = predict.measured_points(results, tiny(), "cpu")
+    points = predict.measured_points(results, tiny(), "cpu", TEST_HOST)
     assert [(b, p) for b, p, _ in points] == [(2, 123.0), (4, results[2].metrics.peak_allocated_bytes)]
 
 
@@ -177,16 +180,18 @@ def test_report_compares_measured_fitted_and_analytic():
     json.dumps(report, allow_nan=False)
 
 
-def test_predict_command_uses_stored_runs_and_answers_in_json(tmp_path, capsys):
+def test_predict_command_uses_stored_runs_and_answers_in_json(tmp_path, capsys, monkeypatch):
     config = tiny()
     path = tmp_path / "runs.jsonl"
     lines = []
+    here = dataclasses.replace(CPU_ENV, host_id=devices.this_host_id())  # stored runs of this machine
     for batch in (2, 4, 8):
-        result = with_metrics(make_result(model="gpt-tiny", overrides=TINY, batch=batch),
+        result = with_metrics(make_result(model="gpt-tiny", overrides=TINY, batch=batch, env=here),
                               peak_allocated_bytes=predict.analytic_estimate(config, batch).peak)
         lines.append(result.to_json())
     path.write_text("\n".join(lines))
     flags = ["--model", "gpt-tiny", "--device", "cpu"] + [f"--set={k}={v}" for k, v in TINY.items()]
+    monkeypatch.setattr("engine.worker.run", lambda *a, **k: pytest.fail("measured what was stored"))
     # The wanted batches are all stored: nothing is measured, the fit is the stored runs'.
     assert cli.main(["predict", *flags, "--results", str(path), "--batches", "2,4,8", "--capacity-gib", "24,80",
                      "--json"]) == 0

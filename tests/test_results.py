@@ -166,6 +166,9 @@ def test_not_utf8_is_a_format_error(tmp_path):
     (lambda r: r.update(status="oom", error="x"), "must have null metrics"),
     (lambda r: r.update(status="error", error=None, metrics={k: None for k in METRIC_KEYS}), "needs an error message"),
     (lambda r: r.update(warnings="noisy"), "warnings must be a list"),
+    (lambda r: r.update(origin="mine"), "origin 'mine' is not one of here, imported, demo"),
+    (lambda r: r["env"].update(cpu_threads="two"), "env.cpu_threads"),
+    (lambda r: r["env"].update(load_avg="high"), "env.load_avg"),
 ])
 def test_invalid_results_say_what_is_wrong(mutate, problem):
     result = ok_dict()
@@ -179,3 +182,13 @@ def test_invalid_results_say_what_is_wrong(mutate, problem):
 def test_non_object_line_is_rejected():
     with pytest.raises(ResultFormatError, match="line 1: expected a result object, got int"):
         parse_results("3\n", "numbers.jsonl")
+
+
+def test_origin_and_fingerprint_survive_the_round_trip_and_old_files_read_as_measured_here():
+    data = ok_dict()
+    data["env"].update(host_id="abc", cpu_threads=8, load_avg=1.5, alloc_conf="PYTORCH_ALLOC_CONF=expandable_segments:True")
+    result = Result.from_dict({**data, "origin": "imported"}, "t")
+    assert (result.origin, result.env.cpu_threads, result.env.load_avg) == ("imported", 8, 1.5)
+    assert Result.from_dict(result.to_dict(), "t") == result
+    data.pop("origin", None)
+    assert Result.from_dict(data, "t").origin == "here"  # files written before origins were recorded

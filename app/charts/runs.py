@@ -85,7 +85,21 @@ def run_labels(results: list[Result]) -> list[str]:
     fields = varying_fields(results) or ["model", "batch", "precision", "ckpt"]
     labels = [" · ".join(_field_text(r, f) for f in fields) for r in results]
     counts = Counter(labels)
-    return [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]
+    labels = [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]
+    # A noisy run says so wherever it is named, so its bar is not read as a steady figure.
+    return [f"{label} (noisy)" if r.ok and r.noisy else label for label, r in zip(labels, results)]
+
+
+def environment_names(results: list[Result]) -> dict[str, str]:
+    """A short name for each environment among ``results`` (keyed by ``environment_id``): the
+    device, where the runs come from when they do not all come from the same place, and the
+    environment's id when two would still read the same."""
+    mixed_origins = len({r.origin for r in results}) > 1
+    names: dict[str, str] = {}
+    for r in results:
+        names.setdefault(r.environment_id, r.env.label + (f" · {r.origin_words}" if mixed_origins else ""))
+    counts = Counter(names.values())
+    return {key: f"{name} [{key}]" if counts[name] > 1 else name for key, name in names.items()}
 
 
 def chart_labels(results: list[Result]) -> list[str]:
@@ -147,22 +161,24 @@ def _per_run_layout(fig: go.Figure, title: str, unit: str, categories: list[str]
 
 
 def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
-    """Bars of one value per successful run, one trace per device; with runs from more than one
-    device the legend names them, so an H100 run beside a laptop run is visibly other hardware."""
+    """Bars of one value per successful run, one trace per environment; with runs from more than
+    one the legend names them, so an H100 run beside a laptop run (or a demo run beside this
+    machine's) is visibly another environment."""
     labels = chart_labels(results)
+    names = environment_names(results)
     fig = go.Figure()
-    by_device: dict[str, list[int]] = {}
+    by_environment: dict[str, list[int]] = {}
     for i, result in enumerate(results):
         if result.ok and values(result) is not None:
-            by_device.setdefault(chart_text(result.env.label), []).append(i)
-    for name, indices in by_device.items():
+            by_environment.setdefault(chart_text(names[result.environment_id]), []).append(i)
+    for name, indices in by_environment.items():
         points = [values(results[i]) for i in indices]
         fig.add_bar(
             name=name,
             x=[labels[i] for i in indices],
             y=[p[0] for p in points],
             error_y=error_bars(points),
-            showlegend=len(by_device) > 1,
+            showlegend=len(by_environment) > 1,
             customdata=[results[i].id for i in indices],
             hovertemplate=f"%{{x}}<br>%{{y:.4g}} {unit}<extra>%{{fullData.name}}</extra>",
         )

@@ -34,7 +34,7 @@ def describe_sweep(option: str) -> str:
 def describe_run(run_id: str) -> str:
     run = by_id[run_id]
     return (f"{run.created_at[:16].replace('T', ' ')} · {run.config.describe()} · {run.status} · {run.env.label} "
-            f"· {run_id[:6]}")
+            f"· {run.origin_words} · {run_id[:6]}")
 
 
 # Runs sent from the Results page ("Compare" on a selection) open as a hand-picked set.
@@ -56,6 +56,7 @@ if not selected:
     st.stop()
 
 ui.environment_note(selected)
+ui.noisy_runs_note(selected)
 ui.failed_runs_note(selected)
 ui.three_charts(selected, key="compare")
 
@@ -82,13 +83,19 @@ with st.expander("Table of these runs"):
 
 if len(selected) >= 2:
     st.subheader("Diff of two runs")
+    finished = [r for r in selected if r.ok]
+    if len(finished) < 2:
+        # A run diffed with itself would read as "nothing changed".
+        st.info(f"Only {len(finished)} of these runs finished: there is nothing to diff.")
+        st.stop()
     labels = dict(zip((r.id for r in selected), run_charts.run_labels(selected)))
     a_column, b_column = st.columns(2)
-    options = [r.id for r in selected]
-    # By default the first and last runs that finished: a failed run has no metrics to compare.
-    finished = [i for i, r in enumerate(selected) if r.ok] or [0, len(options) - 1]
-    a = a_column.selectbox("A", options, index=finished[0], format_func=labels.get, key="compare.diff_a")
-    b = b_column.selectbox("B", options, index=finished[-1], format_func=labels.get, key="compare.diff_b")
+    # A failed run has no metrics to compare; B never offers A's run. By default the first
+    # and last runs that finished.
+    options = [r.id for r in finished]
+    a = a_column.selectbox("A", options, index=0, format_func=labels.get, key="compare.diff_a")
+    others = [i for i in options if i != a]
+    b = b_column.selectbox("B", others, index=len(others) - 1, format_func=labels.get, key="compare.diff_b")
     changes, metrics = diff_runs(by_id[a], by_id[b])
     changes_column, metrics_column = st.columns([2, 3])
     with changes_column:

@@ -14,7 +14,7 @@ import streamlit as st
 from app import form, storage, tasks, ui
 from app.charts import decisions
 from app.panels import find_batch_panel, gib, numerical_cost_panel, percent
-from engine import frontier, limits, pitfall, predict, timeline
+from engine import devices, frontier, limits, pitfall, predict, timeline
 from engine.config import CKPT_POLICIES, GIB, PRECISIONS, BenchConfig, ConfigError, check_runnable, device_memory_limit
 from engine.devices import resolve_device
 
@@ -34,7 +34,8 @@ def sidebar_margin() -> float:
 # ---------------------------------------------------------------- tabs
 def predict_tab(config: BenchConfig, margin: float) -> None:
     device_type = resolve_device(config.device).split(":")[0]
-    points = [(b, p) for b, p, _ in predict.measured_points(store.list(model=config.model), config, device_type)]
+    points = [(b, p) for b, p, _ in predict.measured_points(store.list(model=config.model), config, device_type,
+                                                            devices.this_host_id())]
     left, middle, right = st.columns(3)
     typed = left.text_input("GPU sizes to predict for (GiB)", value="24, 40, 80, 141", key="decide.predict.gib")
     batches = middle.text_input("Batches to measure", value="auto", key="decide.predict.batches",
@@ -112,10 +113,14 @@ def recommend_tab(config: BenchConfig) -> None:
     if not groups:
         st.info("No stored runs yet: run a sweep (Run page) or load the demo data (Results page).")
         return
-    options = sorted(groups, key=lambda g: (g[0] != config.model_label, -groups[g]))
+    here = devices.this_host_id()
+    words = {r.environment_id: r.environment_words for r in runs}
+    mine = {r.environment_id for r in runs if frontier.measured_here(r, here)}
+    # This model's runs measured on this machine first: a decision never mixes environments.
+    options = sorted(groups, key=lambda g: (g[0] != config.model_label, g[1] not in mine, -groups[g]))
     left, middle, right = st.columns(3)
-    group = left.selectbox("Model and device", options, key="decide.rec.group",
-                           format_func=lambda g: f"{g[0]} on {g[1]} ({groups[g]} runs)")
+    group = left.selectbox("Model and environment", options, key="decide.rec.group",
+                           format_func=lambda g: f"{g[0]} · {words[g[1]]} ({groups[g]} runs)")
     selected = frontier.select_runs(runs, *group)
     batches = Counter(r.metrics.effective_batch for r in frontier.measured(selected))
     effective = middle.number_input("Effective batch", min_value=1, step=1, key="decide.rec.effective",

@@ -39,7 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ..sweep import expand, run_sweep
+    from ..sweep import accumulation_notes, expand, run_sweep
 
     effective = None
     if args.effective_batch is not None:
@@ -53,7 +53,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     printer = ProgressPrinter()
     on_result = result_sinks(args, printer, print_json=args.json)
     _checked_and_warming(configs, args)
-    for note in notes:
+    for note in notes + accumulation_notes(configs):
         printer.line(f"note: {note}")
     results = run_sweep(configs, printer, on_result)
     if not args.json:

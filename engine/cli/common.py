@@ -189,20 +189,27 @@ def result_line(result: Result) -> str:
     return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}"
 
 
+def _noise(summary) -> str:
+    """The step time's spread between steps (IQR/median), flagged "noisy" past 10 %."""
+    if not summary:
+        return "-"
+    return f"±{summary.iqr_rel:.0%}" + (" noisy" if summary.noisy else "")
+
+
 def format_table(results: list[Result]) -> str:
-    """A plain-text table of results (one row each)."""
+    """A plain-text table of results (one row each), noisy runs marked."""
     rows = []
     for r in results:
         c, m = r.config, r.metrics
         error = r.error or ""
         rows.append((
             r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
-            _ms(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
+            _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "fwd ms", "bwd ms",
-                  "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "spread", "fwd ms",
+                  "bwd ms", "samples/s", "peak alloc", "error"), rows)
 
 
 def one_line(text: str) -> str:

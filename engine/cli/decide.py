@@ -12,7 +12,7 @@ import sys
 
 from .. import finder, frontier, limits, predict
 from ..config import FIELD_NAMES, BenchConfig, check_runnable, device_memory_limit
-from ..devices import resolve_device
+from ..devices import resolve_device, this_host_id
 from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_flags, config_from_args, emit_json,
                      fmt_bytes, fmt_pct, load_results, margin, number_list, result_sinks, table)
 
@@ -66,7 +66,7 @@ def _cmd_predict(args) -> int:
     if not args.analytic_only:
         # --batch only names the analytic estimate's batch here; the runs are --batches.
         check_runnable(config, check_memory=False)
-        points = [(b, p) for b, p, _ in predict.measured_points(load_results(args), config, device_type)]
+        points = [(b, p) for b, p, _ in predict.measured_points(load_results(args), config, device_type, this_host_id())]
         for run_config in predict.missing_configs(config, points, wanted or []):
             check_runnable(run_config)  # the batches asked for, each within this server's limits
         printer = ProgressPrinter()
@@ -118,15 +118,18 @@ def _cmd_recommend(args) -> int:
         raise CLIError(f"--memory-budget-gib: {args.memory_budget_gib} must be a number > 0")
     results = load_results(args)
     try:
-        answer = frontier.recommend(results, args.effective_batch, args.memory_budget_gib, args.model, args.device_name)
-        missing = frontier.missing_candidates(results, args.effective_batch, args.memory_budget_gib, args.model, args.device_name)
+        here = this_host_id()
+        answer = frontier.recommend(results, args.effective_batch, args.memory_budget_gib, args.model, args.env, here)
+        missing = frontier.missing_candidates(results, args.effective_batch, args.memory_budget_gib, args.model,
+                                              args.env, here)
     except frontier.SelectionError as exc:
-        raise CLIError(f"{exc} (use --model / --device-name)") from None
+        raise CLIError(f"{exc} (use --model / --env ID)") from None
     answer["missing_candidates"] = [c.to_dict() for c in missing]
     if args.json:
         emit_json(answer)
     else:
         print(answer["answer"])
+        print(f"From the runs of: {answer['environment']}")
         if missing:
             print(f"Not measured yet ({len(missing)}), could change the answer: "
                   + "; ".join(c.describe(with_model=False) for c in missing))
@@ -250,7 +253,8 @@ def register(subparsers) -> None:
     p.add_argument("--effective-batch", type=int, required=True, metavar="N")
     p.add_argument("--memory-budget-gib", type=float, required=True, metavar="G")
     p.add_argument("--model", help="model (name or 'name (overrides)') when the runs hold several")
-    p.add_argument("--device-name", help="device name when the runs come from several devices")
+    p.add_argument("--env", metavar="ID", help="environment id (in brackets in the message that lists them) when "
+                   "the runs come from several; default: the runs measured on this machine")
     p.add_argument("--json", action="store_true", help="print the answer as JSON on stdout")
     p.set_defaults(func=_cmd_recommend)
 
