@@ -81,8 +81,8 @@ def noisy_runs_note(results: list[Result]) -> None:
     """Name the runs whose step time varied past the noise threshold; their labels say "(noisy)"."""
     noisy = [(label, r) for label, r in zip(run_labels(results), results) if r.ok and r.noisy]
     if noisy:
-        st.warning(f"{len(noisy)} run(s) are noisy (step time varies more than 10 % between steps): "
-                   + "; ".join(plain(f"{label}: ±{r.metrics.step_ms.iqr_rel:.0%}") for label, r in noisy)
+        st.warning(f"{len(noisy)} run(s) are noisy: "
+                   + "; ".join(plain(f"{label}: {r.metrics.step_ms.noise_words('step time')}") for label, r in noisy)
                    + ". Their differences may be noise: measure them again with more steps, on a quieter machine.")
 
 

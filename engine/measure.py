@@ -29,7 +29,7 @@ from .config import GIB, BenchConfig
 from .devices import env_info, resolve_device
 from .progress import Progress, ProgressFn
 from .results import PHASES, Metrics, Result
-from .stats import NOISE_THRESHOLD, Summary
+from .stats import NOISE_THRESHOLD, TIMED_WORDS, Summary
 from .step import TrainingStep, build_step, make_timer, on_device
 
 
@@ -92,8 +92,8 @@ def _warnings(summaries: dict[str, Summary], steps: int, skipped: int | None, re
     for key, summary in summaries.items():
         if summary.noisy:
             notes.append(
-                f"{key} is noisy: IQR/median {summary.iqr_rel:.0%} > {NOISE_THRESHOLD:.0%} over {steps} steps "
-                "(more steps or a quieter machine give steadier figures)"
+                f"{summary.noise_words(TIMED_WORDS.get(key, key))} over {steps} steps (over {NOISE_THRESHOLD:.0%} "
+                "is noisy: more steps or a quieter machine give steadier figures)"
             )
     if skipped:
         notes.append(f"{skipped} of {steps} timed steps were skipped by GradScaler (inf/NaN gradients)")

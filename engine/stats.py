@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 NOISE_THRESHOLD = 0.10
+# The timed metrics of a step, in words (for warnings, tables and charts).
+TIMED_WORDS = {"step_ms": "step time", "forward_ms": "forward time", "backward_ms": "backward time",
+               "optimizer_ms": "optimizer time"}
 """IQR/median above which a phase's timings are reported as noisy (10%)."""
 
 
@@ -54,6 +57,12 @@ class Summary:
     def noisy(self) -> bool:
         """Whether the relative spread exceeds ``NOISE_THRESHOLD``."""
         return self.iqr_rel > NOISE_THRESHOLD
+
+    def noise_words(self, what: str) -> str:
+        """The spread in words for people, e.g. "step time varies by 43 % between steps (middle
+        half of the steps) — treat with care"; ``what`` names the metric."""
+        care = " — treat with care" if self.noisy else ""
+        return f"{what} varies by {self.iqr_rel:.0%} between steps (middle half of the steps){care}"
 
     def to_dict(self) -> dict:
         """``{"median", "p10", "p90", "iqr_rel"}`` as plain floats (the result schema's form)."""

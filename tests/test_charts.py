@@ -80,19 +80,23 @@ def test_memory_chart_draws_the_capacity_and_the_memory_cap_as_lines():
     assert "range" not in fig["layout"]["yaxis"]
 
 
-def test_a_capacity_far_above_the_bars_is_named_off_the_scale():
+def test_a_capacity_far_above_the_bars_is_said_in_words():
     results = [make_result(batch=1)]  # a few hundred MiB against 16 GiB
     fig = charts.build_peak_memory(results).to_dict()
     assert fig["layout"]["shapes"][0]["y0"] == pytest.approx(16.0)
     top = fig["layout"]["yaxis"]["range"][1]
     assert top < 16.0
-    assert fig["layout"]["title"]["subtitle"]["text"] == "off the scale: Test CPU capacity 16.0 GiB"
+    assert fig["layout"]["title"]["subtitle"]["text"].endswith("<br>Test CPU capacity 16 GiB, above the top of the chart")
+    assert "off the scale" not in str(fig)
 
 
 def test_runs_from_different_devices_are_separate_legend_entries():
     results = [make_result(batch=2), make_result(env=H100_ENV, batch=2)]
     fig = charts.build_throughput(results).to_dict()
-    assert sorted(bar["name"] for bar in _bars(fig)) == ["NVIDIA H100 80GB HBM3", "Test CPU"]
+    assert sorted(bar["name"] for bar in _bars(fig)) == ["fp32 · no checkpointing · NVIDIA H100 80GB HBM3",
+                                                        "fp32 · no checkpointing · Test CPU"]
+    # Same precision and policy, so the same colour; the second environment is outlined.
+    assert [bar["marker"]["line"]["width"] for bar in _bars(fig)] == [0, 3]
     assert charts.run_labels(results) == ["Test CPU", "NVIDIA H100 80GB HBM3"]
 
 
@@ -189,3 +193,37 @@ def test_text_from_runs_reaches_a_figure_escaped():
     assert "&lt;a href=\"https://example.invalid\"&gt;x&lt;/a&gt; &amp; co" in text  # the legend's device
     assert "&lt;img src=" in text and "&lt;b&gt;m&lt;/b&gt;:build" in text  # the error, the model on the axis
     assert common.chart_text("a < b & c > d") == "a &lt; b &amp; c &gt; d"
+
+
+def test_one_encoding_colour_per_precision_pattern_per_checkpointing_on_every_per_run_chart():
+    results = [make_result(batch=2, precision=p, ckpt=c) for p in ("fp32", "bf16") for c in ("none", "full")]
+    for build in charts.MAIN_CHARTS:
+        bars = {bar["name"]: bar["marker"] for bar in _bars(build(results).to_dict())}
+        assert set(bars) == {"fp32 · no checkpointing", "fp32 · ckpt full", "bf16 · no checkpointing", "bf16 · ckpt full"}
+        assert bars["fp32 · ckpt full"]["color"] == bars["fp32 · no checkpointing"]["color"] == common.PRECISION_COLORS["fp32"]
+        assert bars["bf16 · ckpt full"]["color"] == common.PRECISION_COLORS["bf16"]
+        assert bars["bf16 · ckpt full"]["pattern"]["shape"] == "/" and bars["bf16 · no checkpointing"]["pattern"]["shape"] == ""
+    assert len(set(common.CKPT_PATTERNS.values())) == len(common.CKPT_PATTERNS)
+
+
+def test_the_palette_has_no_red_green_pair():
+    # Deuteranopes confuse pure reds and greens: the failed/ok pair and every precision colour
+    # come from the Okabe-Ito set, which has neither plotly's red nor its green.
+    used = {common.FAILED_COLOR, common.OK_COLOR, common.FIT_COLOR, common.ANALYTIC_COLOR,
+            common.BUDGET_COLOR, *common.PRECISION_COLORS.values()}
+    assert not used & {"#d62728", "#2ca02c", "red", "green"}
+    assert len(set(common.PRECISION_COLORS.values())) == len(common.PRECISION_COLORS)
+
+
+@pytest.mark.parametrize("build", [charts.build_throughput, charts.build_backward_time])
+def test_every_chart_says_what_its_error_bars_are(build):
+    results = [make_result(batch=b) for b in (2, 4)]
+    subtitle = build(results).to_dict()["layout"]["title"]["subtitle"]["text"]
+    assert f"Error bars: 10th–90th percentile of {results[0].config.steps} measured steps" in subtitle
+
+
+def test_throughput_unit_can_be_chosen():
+    results = [make_result(batch=2)]
+    fig = charts.build_throughput(results, unit="samples/s").to_dict()
+    assert fig["layout"]["yaxis"]["title"]["text"] == "samples/s"
+    assert _bars(fig)[0]["y"][0] == pytest.approx(results[0].metrics.samples_per_s)

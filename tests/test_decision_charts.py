@@ -51,7 +51,9 @@ def test_memory_prediction_chart_shows_measured_fitted_and_analytic():
     assert list(trace(fig, "measured")["x"]) == [1, 2, 4, 8]
     assert "MiB" in fig["layout"]["yaxis"]["title"]["text"]  # a tiny model is drawn in MiB
     # Every capacity is far above a few MiB: none drawn, all named as off the scale.
-    assert hlines(fig) == [] and "off the scale: this cpu (16.0 GiB), 24 GiB, 80 GiB" in fig["layout"]["annotations"][0]["text"]
+    subtitle = fig["layout"]["title"]["subtitle"]["text"]
+    assert hlines(fig) == [] and "capacity of this cpu (16.0 GiB) 16 GiB, above the top of the chart" in subtitle
+    assert "80 GiB, above the top of the chart" in subtitle and "off the scale" not in str(fig)
 
 
 def frontier_runs() -> list:
@@ -66,7 +68,7 @@ def test_frontier_chart_marks_frontier_failures_budget_and_answer():
     answer = frontier.recommend(runs, 8, 35)
     fig = charts.build_frontier(runs, frontier.pareto_frontier(runs), answer).to_dict()
     assert fig["layout"]["title"]["text"] == charts.FRONTIER_TITLE
-    assert list(trace(fig, "runs")["x"]) == [10, 20, 30, 40]
+    assert list(trace(fig, "fp32 runs")["x"]) == [10, 20, 30, 40]
     assert list(trace(fig, "Pareto frontier")["x"]) == [10, 30]
     failed = trace(fig, common.FAILED_NAME)
     assert list(failed["x"]) == [80] and list(failed["y"]) == [0] and list(failed["text"]) == ["OOM"]
@@ -131,7 +133,8 @@ def test_finder_chart_names_a_capacity_far_above_the_trials():
     report = finder_report()
     report["capacity_bytes"], report["budget_bytes"] = 2000 * GIB, 1900 * GIB
     fig = charts.build_finder_trials(report).to_dict()
-    assert hlines(fig) == [] and fig["layout"]["annotations"][0]["text"].startswith("off the scale: capacity 2000.0 GiB")
+    assert hlines(fig) == [] and fig["layout"]["title"]["subtitle"]["text"].startswith(
+        "device capacity 2e+03 GiB, above the top of the chart")
 
 
 def test_text_from_runs_reaches_decision_figures_escaped():
@@ -148,3 +151,24 @@ def test_text_from_runs_reaches_decision_figures_escaped():
     assert "<a href" not in text and "<img" not in text
     assert "&lt;img src=x&gt; &lt;a href" in text  # the failed run's error, in the frontier's hover
     assert "&lt;a href" in str(figures[0]["data"][0]["x"])  # the runs' labels name their devices
+
+
+def test_an_empty_numerical_cost_chart_says_so():
+    runs = [make_result(batch=8)]
+    fig = charts.build_numerical_cost(gains.gain_rows(runs), runs).to_dict()
+    assert "Nothing to show" in fig["layout"]["annotations"][0]["text"]
+    assert fig["layout"]["yaxis"]["visible"] is False
+
+
+def test_timeline_memory_axis_starts_at_zero():
+    fig = charts.build_memory_timeline([timeline_record("none", 40 * MIB)]).to_dict()
+    assert fig["layout"]["yaxis"]["rangemode"] == "tozero"
+
+
+def test_frontier_zooms_to_the_runs_and_keeps_the_budget_and_says_where_a_far_capacity_is():
+    runs = [with_metrics(make_result(batch=b), samples_per_s=10.0 * b, peak_allocated_bytes=b * MIB) for b in (1, 2, 4)]
+    answer = frontier.recommend(runs, 4, 8 / 1024)  # an 8 MiB budget, 16 GiB capacity
+    fig = charts.build_frontier(runs, frontier.pareto_frontier(runs), answer).to_dict()
+    right = fig["layout"]["xaxis"]["range"][1]
+    assert 8 <= right < 16 * 1024  # in MiB: budget visible, capacity not squeezing the runs
+    assert "capacity 16 GiB, to the right of the chart" in fig["layout"]["title"]["subtitle"]["text"]

@@ -134,7 +134,7 @@ def build_jittery():
 def test_noisy_phase_gives_warning():
     result = run_benchmark(BenchConfig(model="tests.test_measure:build_jittery", batch=1, warmup=0, steps=6, device="cpu"))
     assert result.metrics.forward_ms.iqr_rel > 0.10
-    assert any(w.startswith("forward_ms is noisy") for w in result.warnings)
+    assert any(w.startswith("forward time varies by ") and "treat with care" in w for w in result.warnings)
 
 
 # ------------------------------------------------------------------------------ CUDA only

@@ -11,15 +11,23 @@ from engine.results import Result
 
 CHART_HEIGHT = 440
 FAILED_NAME = "failed runs"
-FAILED_COLOR = "#d62728"
+# Okabe & Ito's colour-blind-safe palette: no red/green pair anywhere (good and bad are blue
+# and vermillion), each colour still distinct in greyscale by its lightness.
+BLUE, ORANGE, SKY, GREEN, VERMILLION, PURPLE, YELLOW = (
+    "#0072B2", "#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#F0E442")
+FAILED_COLOR = VERMILLION
 CAPACITY_COLOR = "#7f7f7f"
-FIT_COLOR = "#1f77b4"
-ANALYTIC_COLOR = "#ff7f0e"
-OK_COLOR = "#2ca02c"
-BUDGET_COLOR = "#9467bd"
+FIT_COLOR = SKY
+ANALYTIC_COLOR = ORANGE
+OK_COLOR = BLUE
+BUDGET_COLOR = PURPLE
+# The one visual encoding of a run on every chart and page: its precision is its colour, its
+# checkpointing policy the pattern inside the bar (solid when nothing is recomputed).
+PRECISION_COLORS = {"fp32": BLUE, "bf16": ORANGE, "fp16": PURPLE}
+CKPT_PATTERNS = {"none": "", "full": "/", "every-k": "x", "selective": "."}
 # A limit line this many times above the tallest value would flatten everything else to
 # nothing (a CPU run of a few MiB against the machine's RAM): the axis stops at the data
-# instead and a note names the line that is off the scale.
+# instead and the chart says in words where the line is.
 OFF_SCALE_FACTOR = 5.0
 
 # Where a legend goes. Never below a per-run chart, where it would collide with the tilted
@@ -28,7 +36,7 @@ OFF_SCALE_FACTOR = 5.0
 LEGENDS = {
     "below": dict(orientation="h", yanchor="top", y=-0.25),
     "right": dict(orientation="v", x=1.02, y=1),
-    "above": dict(orientation="v", yanchor="bottom", y=1.02, x=0),
+    "above": dict(orientation="h", yanchor="bottom", y=1.02, x=0),
 }
 
 
@@ -72,10 +80,28 @@ def limit_line(fig: go.Figure, value: float, label: str, color: str = CAPACITY_C
     fig.add_hline(y=value, line_dash="dash", line_color=color, annotation_text=label, annotation_position="top left")
 
 
-def off_scale_note(fig: go.Figure, text: str) -> None:
-    """Name limit lines left off the chart, in its top right corner."""
-    fig.add_annotation(xref="paper", yref="paper", x=1, y=1, xanchor="right", yanchor="bottom", showarrow=False,
-                       text=text, font=dict(color=CAPACITY_COLOR))
+def precision_color(precision: str) -> str:
+    """The colour of a precision on every chart (grey for one this palette does not know)."""
+    return PRECISION_COLORS.get(precision, CAPACITY_COLOR)
+
+
+def ckpt_pattern(ckpt: str) -> str:
+    """The bar pattern of a checkpointing policy on every chart (solid for no checkpointing)."""
+    return CKPT_PATTERNS.get(ckpt, "-")
+
+
+def describe(fig: go.Figure, text: str) -> go.Figure:
+    """Say under the title, in one line, what the chart shows (what its bars, error bars and
+    lines are, how many steps they rest on); a further line is added after the first."""
+    current = fig.layout.title.subtitle.text
+    fig.update_layout(title_subtitle_text=f"{current}<br>{text}" if current else text,
+                      margin_t=(fig.layout.margin.t or 60) + 22)
+    return fig
+
+
+def above_chart(label: str, gib: float) -> str:
+    """A limit line too far above the data to draw, in words."""
+    return f"{label} {gib:.3g} GiB, above the top of the chart"
 
 
 def chart_text(text) -> str:

@@ -15,8 +15,8 @@ from engine.config import GIB, BenchConfig
 from engine.results import Result
 
 from .common import (ANALYTIC_COLOR, BUDGET_COLOR, CAPACITY_COLOR, CHART_HEIGHT, FAILED_COLOR, FAILED_NAME, FIT_COLOR,
-                     OFF_SCALE_FACTOR, OK_COLOR, chart_text, error_bars, failed_hover, failed_marker, layout,
-                     limit_line, memory_unit, off_scale_note)
+                     OFF_SCALE_FACTOR, OK_COLOR, above_chart, chart_text, describe, error_bars, failed_hover,
+                     failed_marker, layout, limit_line, memory_unit, precision_color)
 from .runs import PHASES, chart_labels
 
 FINDER_TITLE = "Batch finder trials"
@@ -61,7 +61,7 @@ def build_finder_trials(report: dict) -> go.Figure:
                     mode="lines+markers", line=dict(color=FIT_COLOR, dash="dot"), secondary_y=True,
                     hovertemplate="batch %{x}<br>%{y:.4g} samples/s<extra></extra>")
     if off_scale:
-        off_scale_note(fig, f"off the scale: capacity {capacity / GIB:.1f} GiB, budget {budget / GIB:.1f} GiB")
+        describe(fig, above_chart("device capacity", capacity / GIB) + f"; memory budget {budget / GIB:.3g} GiB")
     else:
         for value, label, color in ((capacity, "capacity", CAPACITY_COLOR),
                                     (budget, f"budget ({1 - report['margin']:.0%})", BUDGET_COLOR)):
@@ -99,13 +99,16 @@ def build_memory_prediction(report: dict) -> go.Figure:
     off_scale = []
     for row in report["capacities"]:
         if top and row["capacity_bytes"] > OFF_SCALE_FACTOR * top:
-            off_scale.append(chart_text(row["capacity"]))
+            off_scale.append(above_chart(chart_text(f"capacity of {row['capacity']}"), row["capacity_bytes"] / GIB))
         else:
             limit_line(fig, row["capacity_bytes"] / scale, chart_text(row["capacity"]))
-    if off_scale:
-        off_scale_note(fig, "off the scale: " + ", ".join(off_scale))
     fig.update_yaxes(rangemode="tozero")
-    return layout(fig, PREDICTION_TITLE, x_title="micro-batch", y_title=f"peak allocated ({unit})", legend="below")
+    layout(fig, PREDICTION_TITLE, x_title="micro-batch", y_title=f"peak allocated ({unit})", legend="below")
+    describe(fig, "Dots: measured peaks; line: least-squares fit through the points whose peak grows; "
+                  "dashes: the analytic estimate")
+    for words in off_scale:
+        describe(fig, words)
+    return fig
 
 
 def build_frontier(runs: list[Result], front: list[Result], answer: dict | None = None) -> go.Figure:
@@ -120,10 +123,13 @@ def build_frontier(runs: list[Result], front: list[Result], answer: dict | None 
     peaks = [r.metrics.peak_allocated_bytes for r in ok]
     unit, scale = memory_unit(peaks + [budget or 0])
     fig = go.Figure()
-    fig.add_scatter(name="runs", x=[p / scale for p in peaks], y=[r.metrics.samples_per_s for r in ok],
-                    mode="markers", marker=dict(size=9, color=CAPACITY_COLOR), text=[_words(r.config) for r in ok],
-                    customdata=[r.id for r in ok],
-                    hovertemplate=f"%{{text}}<br>%{{y:.4g}} samples/s at %{{x:.4g}} {unit}<extra></extra>")
+    for precision in dict.fromkeys(r.config.precision for r in ok):
+        mine = [(r, p) for r, p in zip(ok, peaks) if r.config.precision == precision]
+        fig.add_scatter(name=f"{precision} runs", x=[p / scale for _, p in mine],
+                        y=[r.metrics.samples_per_s for r, _ in mine], mode="markers",
+                        marker=dict(size=9, color=precision_color(precision)), text=[_words(r.config) for r, _ in mine],
+                        customdata=[r.id for r, _ in mine],
+                        hovertemplate=f"%{{text}}<br>%{{y:.4g}} samples/s at %{{x:.4g}} {unit}<extra></extra>")
     fig.add_scatter(name="Pareto frontier", x=[r.metrics.peak_allocated_bytes / scale for r in front],
                     y=[r.metrics.samples_per_s for r in front], mode="lines+markers",
                     line=dict(color=FIT_COLOR, shape="hv"), marker=dict(size=11, color=FIT_COLOR),
@@ -140,15 +146,25 @@ def build_frontier(runs: list[Result], front: list[Result], answer: dict | None 
             fig.add_scatter(name=name, x=[entry["peak_allocated_bytes"] / scale], y=[entry["samples_per_s"]],
                             mode="markers", marker=dict(symbol=symbol, size=18, color=OK_COLOR, line=dict(width=1)),
                             text=[_words(entry["config"])], hovertemplate="%{text}<extra>" + name + "</extra>")
-    if capacity:
+    # Zoomed to the runs and the budget: a CPU's 23.5 GiB capacity would squeeze runs of a few
+    # MiB into the y axis. A capacity far to the right is said in words instead.
+    right = max(peaks + [budget or 0], default=0) / scale * 1.1 or None
+    capacity_off = bool(capacity and right and capacity / scale > right * OFF_SCALE_FACTOR)
+    if capacity and not capacity_off:
         fig.add_vline(x=capacity / scale, line_dash="dash", line_color=CAPACITY_COLOR, annotation_text="capacity",
                       annotation_position="top left")
+        right = max(right or 0, capacity / scale * 1.05)
     if budget:
         fig.add_vline(x=budget / scale, line_dash="dot", line_color=BUDGET_COLOR, annotation_text="budget",
                       annotation_position="bottom left")
-    fig.update_xaxes(rangemode="tozero")
+    fig.update_xaxes(range=[0, right] if right else None, rangemode="tozero")
     fig.update_yaxes(rangemode="tozero")
-    return layout(fig, FRONTIER_TITLE, x_title=f"peak allocated ({unit})", y_title="samples/s", legend="below")
+    layout(fig, FRONTIER_TITLE, x_title=f"peak allocated ({unit})", y_title="samples/s", legend="below")
+    describe(fig, "Each dot is a measured run, coloured by precision; the line joins the runs nothing beats "
+                  "on both speed and memory")
+    if capacity_off:
+        describe(fig, f"capacity {capacity / GIB:.3g} GiB, to the right of the chart")
+    return fig
 
 
 def _record_labels(records: list[dict]) -> list[str]:
@@ -177,7 +193,7 @@ def build_memory_timeline(records: list[dict]) -> go.Figure:
                                       f"{band.get('gpu_ms', band['end_ms'] - band['start_ms']):.2f} ms on the device"
                                       f"<extra>{label}</extra>")
             shown.add(phase)
-    fig.update_yaxes(title_text=f"allocated ({unit})", row=1, col=1)
+    fig.update_yaxes(title_text=f"allocated ({unit})", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(showticklabels=len(records) > 1, row=2, col=1)
     # On CUDA the samples are host time (allocation order), not GPU time: the record says so.
     fig.update_xaxes(title_text=records[0].get("time_axis", "ms since the step started"), row=2, col=1)
@@ -215,4 +231,13 @@ def build_numerical_cost(rows: list[dict], results: list[Result]) -> go.Figure:
                 hovertext=[gain(row) for row in shown],
                 hovertemplate="%{x}<br>‖g − g_ref‖/‖g_ref‖ = %{y:.3e}<br>%{hovertext}<extra></extra>")
     fig.update_xaxes(type="category")
-    return layout(fig, NUMERICS_TITLE, y_title="‖g − g_ref‖ / ‖g_ref‖ (first step vs fp32)")
+    layout(fig, NUMERICS_TITLE, y_title="‖g − g_ref‖ / ‖g_ref‖ (first step vs fp32)")
+    if not shown:
+        fig.add_annotation(xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+                           text="Nothing to show: none of these runs compared its gradients with fp32<br>"
+                                "(fp32 runs without checkpointing are the reference)")
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+    else:
+        describe(fig, "Relative difference of the first step's gradients from an fp32 run without checkpointing")
+    return fig

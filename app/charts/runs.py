@@ -16,7 +16,8 @@ from engine import presets
 from engine.config import FIELD_NAMES, GIB
 from engine.results import BREAKDOWN_KEYS, Result
 
-from .common import OFF_SCALE_FACTOR, add_failed_placeholders, chart_text, error_bars, layout, limit_line
+from .common import (OFF_SCALE_FACTOR, above_chart, add_failed_placeholders, chart_text, ckpt_pattern, describe,
+                     error_bars, layout, limit_line, precision_color)
 
 THROUGHPUT_TITLE = "Throughput"
 PEAK_MEMORY_TITLE = "Peak memory"
@@ -160,37 +161,66 @@ def _per_run_layout(fig: go.Figure, title: str, unit: str, categories: list[str]
     return fig
 
 
+def _style_name(result: Result, environment: str | None) -> str:
+    """The legend entry of a run's bar: its precision and checkpointing (its colour and pattern),
+    and its environment when the chart holds more than one."""
+    words = f"{result.config.precision} · {'no checkpointing' if result.config.ckpt == 'none' else 'ckpt ' + field_value(result, 'ckpt')}"
+    return words if environment is None else f"{words} · {environment}"
+
+
 def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
-    """Bars of one value per successful run, one trace per environment; with runs from more than
-    one the legend names them, so an H100 run beside a laptop run (or a demo run beside this
-    machine's) is visibly another environment."""
+    """Bars of one value per successful run, coloured by precision and patterned by
+    checkpointing (one trace, and legend entry, per combination); with runs from more than one
+    environment the entry names it too, so an H100 run beside a laptop run (or a demo run beside
+    this machine's) is visibly another environment."""
     labels = chart_labels(results)
     names = environment_names(results)
+    mixed = len(names) > 1
     fig = go.Figure()
-    by_environment: dict[str, list[int]] = {}
+    first_environment = next(iter(names), None)
+    groups: dict[str, list[int]] = {}
     for i, result in enumerate(results):
         if result.ok and values(result) is not None:
-            by_environment.setdefault(chart_text(names[result.environment_id]), []).append(i)
-    for name, indices in by_environment.items():
+            environment = chart_text(names[result.environment_id]) if mixed else None
+            groups.setdefault(_style_name(result, environment), []).append(i)
+    for name, indices in groups.items():
         points = [values(results[i]) for i in indices]
+        config = results[indices[0]].config
         fig.add_bar(
             name=name,
             x=[labels[i] for i in indices],
             y=[p[0] for p in points],
             error_y=error_bars(points),
-            showlegend=len(by_environment) > 1,
+            marker=dict(color=precision_color(config.precision),
+                        pattern=dict(shape=ckpt_pattern(config.ckpt), fillmode="overlay", fgcolor="white"),
+                        # A second environment's bars are outlined: the same encoding, visibly elsewhere.
+                        line=dict(width=0 if results[indices[0]].environment_id == first_environment else 3,
+                                  color="black")),
             customdata=[results[i].id for i in indices],
-            hovertemplate=f"%{{x}}<br>%{{y:.4g}} {unit}<extra>%{{fullData.name}}</extra>",
+            hovertemplate=f"%{{x}}<br>%{{y:.3g}} {unit}<extra>%{{fullData.name}}</extra>",
         )
     add_failed_placeholders(fig, results, labels, legend=False)
     return _per_run_layout(fig, title, unit, labels, stacked=False)
 
 
+def measured_steps(results: list[Result]) -> str:
+    """How many measured steps the runs' figures rest on, e.g. "10" or "10–20"."""
+    steps = sorted({r.config.steps for r in results if r.ok})
+    return "" if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+
+
+def _spread_caption(results: list[Result], what: str) -> str:
+    steps = measured_steps(results)
+    return f"{what}. Error bars: 10th–90th percentile of {steps} measured steps" if steps else what
+
+
 # --------------------------------------------------------------------------- the three charts
-def build_throughput(results: list[Result]) -> go.Figure:
-    """Throughput per run (tokens/s or samples/s) with p10/p90 error bars."""
-    unit = throughput_unit(results)
-    return _per_run_bars(results, THROUGHPUT_TITLE, unit, lambda r: throughput(r, unit))
+def build_throughput(results: list[Result], unit: str | None = None) -> go.Figure:
+    """Throughput per run (tokens/s or samples/s: ``unit``, else the one ``throughput_unit``
+    picks) with p10/p90 error bars."""
+    unit = unit or throughput_unit(results)
+    fig = _per_run_bars(results, THROUGHPUT_TITLE, unit, lambda r: throughput(r, unit))
+    return describe(fig, _spread_caption(results, f"Median {unit} per run (higher is better)"))
 
 
 def capacity_lines(results: list[Result]) -> list[tuple[float, str]]:
@@ -201,31 +231,34 @@ def capacity_lines(results: list[Result]) -> list[tuple[float, str]]:
     for result in results:
         limit, cap = result.memory_limit_bytes, result.config.memory_cap_gib
         if limit and math.isfinite(limit):
-            label = f"memory cap {cap:g} GiB" if cap is not None else f"{result.env.label} capacity {limit / GIB:.1f} GiB"
+            label = f"memory cap {cap:.3g} GiB" if cap is not None else f"{result.env.label} capacity {limit / GIB:.3g} GiB"
             lines.setdefault(round(limit), chart_text(label))
     return sorted((nbytes / GIB, label) for nbytes, label in lines.items())
 
 
 def build_peak_memory(results: list[Result]) -> go.Figure:
-    """Peak allocated memory per run in GiB, with the device capacity (or cap) as a line."""
+    """Peak allocated memory per run in GiB, with the device capacity (or cap) as a line, or
+    said in words when it is far above the bars."""
     fig = _per_run_bars(results, PEAK_MEMORY_TITLE, "GiB", peak_memory_gib)
     bars = [p[0] for r in results if r.ok and (p := peak_memory_gib(r))]
     tallest = max(bars, default=0.0)
     lines = capacity_lines(results)
-    off_scale = [label for gib, label in lines if tallest and gib > OFF_SCALE_FACTOR * tallest]
+    above = [(gib, label) for gib, label in lines if tallest and gib > OFF_SCALE_FACTOR * tallest]
     for gib, label in lines:
         limit_line(fig, gib, label)
-    if off_scale:
-        top = max([tallest] + [gib for gib, label in lines if label not in off_scale])
+    if above:
+        top = max([tallest] + [gib for gib, label in lines if (gib, label) not in above])
         fig.update_yaxes(range=[0, top * 1.25])
-        fig.update_layout(title_subtitle_text="off the scale: " + "; ".join(off_scale),
-                          margin_t=fig.layout.margin.t + 20)
+    describe(fig, "Peak allocated memory of one training step (lower is better); dashed: the memory limit")
+    for gib, label in above:
+        describe(fig, above_chart(label.rsplit(" ", 2)[0], gib))
     return fig
 
 
 def build_backward_time(results: list[Result]) -> go.Figure:
     """Backward time per optimizer step (median, p10/p90 error bars) in ms."""
-    return _per_run_bars(results, BACKWARD_TITLE, "ms", backward_ms)
+    fig = _per_run_bars(results, BACKWARD_TITLE, "ms", backward_ms)
+    return describe(fig, _spread_caption(results, "Median backward time per optimizer step (lower is better)"))
 
 
 MAIN_CHARTS = (build_throughput, build_peak_memory, build_backward_time)

@@ -130,8 +130,8 @@ def recommend_tab(config: BenchConfig) -> None:
                                 key="decide.rec.budget")
     answer = frontier.recommend(selected, int(effective), float(budget))
     (st.success if answer["fits"] else st.warning)(ui.plain(answer["answer"]))
-    only_batch = st.toggle("Chart only runs at this effective batch", value=False, key="decide.rec.only")
-    shown = [r for r in selected if r.metrics.effective_batch == effective] if only_batch else selected
+    every_batch = st.toggle("Also chart runs at other effective batches", value=False, key="decide.rec.all")
+    shown = selected if every_batch else [r for r in selected if r.metrics.effective_batch == effective or not r.ok]
     ui.show_chart(decisions.build_frontier(shown, frontier.pareto_frontier(shown), answer), key="decide.rec.chart")
     missing = frontier.missing_candidates(selected, int(effective), float(budget))
     try:
