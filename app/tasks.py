@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -22,7 +23,7 @@ import streamlit as st
 
 from engine import sweep, worker
 from engine.config import BenchConfig
-from engine.progress import Progress
+from engine.progress import Progress, timing_words
 from engine.results import Result
 from engine.store import Store, StoreError
 
@@ -48,6 +49,7 @@ class TaskState:
     error: str | None  # why it failed: an engine failure status, or an unexpected exception
     value: Any  # what the work returned, once done
     version: int  # grows with every stored run and at the end: the page reruns when it changes
+    elapsed_s: float = 0.0  # since the task started
 
     @property
     def succeeded(self) -> bool:
@@ -70,7 +72,7 @@ class TaskState:
     def describe(self) -> str:
         """One line for the progress bar: what the task does and where it is."""
         words = "cancelling..." if self.cancelling else self.event.describe()
-        return f"{self.label} · {words}"
+        return f"{self.label} · {words} · {timing_words(self.elapsed_s, self.fraction())}"
 
 
 class Task:
@@ -89,6 +91,7 @@ class Task:
         self._error: str | None = None
         self._value = None
         self._version = 0
+        self._started = time.monotonic()
         # Before anything is measured: a damaged or read-only database fails the start, with
         # why, instead of losing the first result. (A task that stores nothing has no store.)
         if store is not None:
@@ -103,7 +106,8 @@ class Task:
         """A consistent copy of the task's state."""
         with self._lock:
             return TaskState(self._label, self._configs, tuple(self._results), tuple(self._unsaved), self._event,
-                             self._done, self._cancel.is_set(), self._error, self._value, self._version)
+                             self._done, self._cancel.is_set(), self._error, self._value, self._version,
+                             time.monotonic() - self._started)
 
     def _on_progress(self, event: Progress) -> None:
         with self._lock:

@@ -96,7 +96,8 @@ def find_batch(
 
         def forward(event: Progress) -> None:
             if progress is not None:
-                progress(event.within(trial=number, batch=batch))
+                left = None if deadline is None else max(deadline - clock(), 0.0)
+                progress(event.within(trial=number, batch=batch, limit_left_s=left))
 
         forward(Progress("starting"))
         result = runner(config.replace(batch=batch, timeout_s=timeout), forward, cancel, sweep_id=sweep_id)

@@ -40,6 +40,7 @@ class Progress:
     count: int | None = None
     batch: int | None = None
     trial: int | None = None
+    limit_left_s: float | None = None  # a search's time left of its own limit (the batch finder's)
 
     def within(self, **context) -> "Progress":
         """The same event with sweep or trial context added."""
@@ -49,10 +50,11 @@ class Progress:
         """The event in words, e.g. "Run 2 of 8: measuring step 4 of 10"."""
         prefix = ""
         if self.trial is not None:
-            prefix = f"batch {self.batch} (trial {self.trial}): "
+            prefix = f"trying batch {self.batch} (trial {self.trial}): "
         elif self.count is not None and self.count > 1:
             prefix = f"Run {self.index} of {self.count}: "
-        return prefix + self._phase_words()
+        limit = f" · {self.limit_left_s:.0f} s left of its time limit" if self.limit_left_s is not None else ""
+        return prefix + self._phase_words() + limit
 
     def _phase_words(self) -> str:
         if self.phase == "queued":
@@ -70,6 +72,19 @@ class Progress:
             return 0.0
         within = min(self.step, self.total) / self.total if self.total else 0.0
         return (PHASE_ORDER.index(self.phase) + within) / len(PHASE_ORDER)
+
+
+def timing_words(elapsed_s: float, fraction: float) -> str:
+    """Elapsed time and, once there is something to extrapolate from, the time left, e.g.
+    "12 s elapsed · about 18 s left" (an estimate from the share done so far)."""
+    words = f"{_seconds(elapsed_s)} elapsed"
+    if 0.05 <= fraction < 1:
+        words += f" · about {_seconds(elapsed_s * (1 - fraction) / fraction)} left"
+    return words
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 90 else f"{value / 60:.0f} min"
 
 
 ProgressFn = Callable[[Progress], None]

@@ -29,7 +29,8 @@ def test_a_tiny_cpu_benchmark_waits_for_the_device_then_is_stored_and_shown(app_
     with devicelock.device_queue("cpu"):
         click(at, "Run benchmark")
         wait_until(at, lambda at: task(at, TASK).queue_position == 1, timeout=30, what="the device queue")
-        assert any("waiting for the device (place 1 in the queue)" in text for text in progress_texts(at))
+        assert any("waiting for the device (place 1 in the queue)" in text and " s elapsed" in text
+                   for text in progress_texts(at))
         assert not app_db.count()
     state = wait_until(at, finished(TASK)).session_state[TASK].state()
     assert [r.status for r in state.results] == ["ok"], state.results[0].error

@@ -139,3 +139,11 @@ def test_find_batch_command_bad_input(capsys):
 def test_capacity_is_the_cap_else_the_device():
     assert device_memory_limit(CONFIG) == 8 * GIB
     assert device_memory_limit(BenchConfig(device="cpu")) == device_capacity_bytes("cpu")
+
+
+def test_progress_says_which_batch_it_tries_and_the_time_left_of_its_limit():
+    events = []
+    finder.find_batch(CONFIG, max_batch=4, runner=fake_runner(100), progress=events.append, time_limit_s=600)
+    words = events[-1].describe()
+    assert words.startswith("trying batch 4 (trial 3): ") and "s left of its time limit" in words
+    assert 0 < events[-1].limit_left_s <= 600
