@@ -27,6 +27,7 @@ PREFIX = "config."
 USER_MODEL_KEY = PREFIX + "user_model"
 _INITIALISED = PREFIX + "initialised"
 _LINK_WARNINGS = PREFIX + "link_warnings"
+_LINK_SETTINGS = PREFIX + "link_settings"
 PERSIST = {"persist_state": "session"}  # keep the settings when the user visits another page
 
 
@@ -63,6 +64,8 @@ def _init() -> None:
         st.session_state[dim_key(model, name)] = value
     st.session_state[USER_MODEL_KEY] = ""
     st.session_state[_LINK_WARNINGS] = warnings
+    link = BenchConfig(**settings) if settings else None
+    st.session_state[_LINK_SETTINGS] = params.to_query_params(link) if link else {}
     st.session_state[_INITIALISED] = True
 
 
@@ -192,6 +195,13 @@ def config_form() -> BenchConfig | None:
         st.error(f"Invalid setting: {ui.plain(exc)}")
         return None
     return config
+
+
+def from_shared_link(config: BenchConfig) -> bool:
+    """Whether ``config`` is what the link that opened this session set up (the settings it
+    named, the rest left at their defaults)."""
+    opened = st.session_state.get(_LINK_SETTINGS)
+    return bool(opened) and params.to_query_params(config) == opened
 
 
 def link(config: BenchConfig) -> dict[str, str]:

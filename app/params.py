@@ -14,10 +14,56 @@ from __future__ import annotations
 from typing import Mapping
 
 from engine import limits, presets
-from engine.config import FIELDS_BY_NAME, SCALAR_FIELDS, BenchConfig, ConfigError, ConfigField, parse_override
+from engine.config import (FIELDS_BY_NAME, SCALAR_FIELDS, SWEEP_FIELDS, BenchConfig, ConfigError, ConfigField,
+                           parse_override)
 
 # Presentation mode travels as present=1.
 PRESENT = "present"
+# A sweep travels as sweep=batch,precision plus sweep_batch=1,2,4 and sweep_precision=fp32,bf16
+# (and sweep_effective_batch=8 for a fixed effective batch).
+SWEEP = "sweep"
+SWEEP_EFFECTIVE = "sweep_effective_batch"
+
+
+def sweep_param(name: str) -> str:
+    """The query parameter holding the values of sweep axis ``name``."""
+    return f"{SWEEP}_{name}"
+
+
+def sweep_to_query_params(grid: Mapping[str, list], effective_batch: int | None) -> dict[str, str]:
+    """The query parameters of a sweep definition: its axes, each axis's values, the fixed
+    effective batch."""
+    link = {SWEEP: ",".join(grid)} | {sweep_param(name): ",".join(FIELDS_BY_NAME[name].format(v) for v in values)
+                                      for name, values in grid.items()}
+    return link | ({SWEEP_EFFECTIVE: str(effective_batch)} if effective_batch else {})
+
+
+def parse_sweep_params(params: Mapping[str, str | list[str]]) -> tuple[dict[str, list] | None, int, list[str]]:
+    """The sweep definition in ``params``: (axis -> typed values, or None without a sweep;
+    the fixed effective batch, 0 for none; one warning per invalid part, which is left out)."""
+    if SWEEP not in params:
+        return None, 0, []
+    grid, warnings = {}, []
+    for name in filter(None, _last(params[SWEEP]).split(",")):
+        if name not in SWEEP_FIELDS:
+            warnings.append(f"Link parameter {SWEEP}: {name!r} ignored (allowed: {', '.join(SWEEP_FIELDS)}).")
+            continue
+        field, raw = FIELDS_BY_NAME[name], _last(params.get(sweep_param(name), ""))
+        try:
+            values = [_parse(field, part.strip(), {}) for part in raw.split(",") if part.strip()]
+        except (ConfigError, ValueError) as exc:
+            warnings.append(_ignored(sweep_param(name), raw, exc, field.spec.sweep))
+            continue
+        if values:
+            grid[name] = values
+    effective = 0
+    if SWEEP_EFFECTIVE in params:
+        raw = _last(params[SWEEP_EFFECTIVE])
+        try:
+            effective = _parse(FIELDS_BY_NAME["batch"], raw, {})
+        except (ConfigError, ValueError) as exc:
+            warnings.append(_ignored(SWEEP_EFFECTIVE, raw, exc, 0))
+    return grid, effective, warnings
 
 
 def _parse(field: ConfigField, raw: str, choices: Mapping[str, list]) -> object:

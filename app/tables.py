@@ -41,6 +41,28 @@ METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms
                   "peak GiB", "MFU %")
 
 
+# Engine keys that reach a table, in words: one mapping, so no page shows "fitted_max_batch".
+COLUMN_WORDS = {
+    "capacity": "memory",
+    "fitted_max_batch": "largest batch (fit)",
+    "analytic_max_batch": "largest batch (analytic)",
+    "name": "check",
+    "status": "result",
+    "expected": "expected",
+    "measured": "measured",
+    "reason": "why",
+    "setting": "setting",
+    "metric": "metric",
+}
+
+
+def in_words(rows: list[dict], drop: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Engine rows as a table with headers in words (``COLUMN_WORDS``) and a dash for every
+    unknown value, never "None"; columns in ``drop`` (raw byte counts) left out."""
+    frame = pd.DataFrame(rows).drop(columns=[c for c in drop if rows and c in rows[0]])
+    return frame.rename(columns=COLUMN_WORDS).astype(object).where(frame.notna().values, "–")
+
+
 def _median(result: Result, key: str) -> float | None:
     summary = result.metrics.phase(key)
     return None if summary is None else summary.median

@@ -12,15 +12,29 @@ import streamlit as st
 from engine.results import Result
 
 from .charts.common import presentation_layout
-from .charts.runs import MAIN_CHARTS, run_labels
+from .charts.runs import MAIN_CHARTS, run_labels, throughput_unit
 
 PRESENTATION_KEY = "presentation"
-# Bigger type everywhere for a projector; plotly figures are scaled separately.
-_PRESENTATION_CSS = """<style>
-.stMarkdown p, .stMarkdown li, [data-testid="stWidgetLabel"] p, [data-testid="stMetricLabel"] p { font-size: 1.35rem; }
-[data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 3.4rem; }
-h1 { font-size: 3.2rem !important; } h2 { font-size: 2.4rem !important; } h3 { font-size: 1.9rem !important; }
+# Below this width three charts side by side drop tick labels: they stack, one per row (the
+# columns holding charts only; forms keep theirs).
+_NARROW_CSS = """<style>
+@media (max-width: 1000px) {
+  [data-testid="stHorizontalBlock"]:has(.stPlotlyChart) { flex-direction: column; }
+  [data-testid="stHorizontalBlock"]:has(.stPlotlyChart) > [data-testid="stColumn"] { width: 100% !important; flex: 1 1 100% !important; }
+}
 </style>"""
+# Bigger type everywhere for a projector (controls and tables too), less empty space above the
+# page, so the three main charts fit a 1280×720 projector; plotly figures are scaled separately.
+_PRESENTATION_CSS = """<style>
+.stMarkdown p, .stMarkdown li, [data-testid="stWidgetLabel"] p, [data-testid="stMetricLabel"] p,
+[data-testid="stCaptionContainer"], .stButton button p, [data-baseweb="select"] div, .stAlert p { font-size: 1.3rem; }
+[data-testid="stDataFrame"] { font-size: 1.2rem; }
+[data-testid="stMetricValue"], [data-testid="stMetricValue"] p { font-size: 3rem; }
+.block-container, [data-testid="stMainBlockContainer"] { padding-top: 2.5rem !important; padding-bottom: 1rem !important; }
+h1 { font-size: 2.4rem !important; padding: 0 !important; } h2 { font-size: 2.1rem !important; } h3 { font-size: 1.8rem !important; }
+</style>"""
+# A chart's height when presenting: three of them, their titles and the page title fit 720 px.
+PRESENTATION_CHART_HEIGHT = 430
 # Every character Markdown (and Streamlit's :color[...] / :icon: directives, LaTeX, HTML
 # entities, setext headings) gives a meaning.
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$&=^])")
@@ -38,9 +52,8 @@ def presenting() -> bool:
 
 
 def apply_presentation_css() -> None:
-    """Enlarge the page's fonts when presenting."""
-    if presenting():
-        st.html(_PRESENTATION_CSS)
+    """Stack charts on narrow screens; enlarge the page's fonts when presenting."""
+    st.html(_NARROW_CSS + (_PRESENTATION_CSS if presenting() else ""))
 
 
 def plain(text) -> str:
@@ -54,15 +67,27 @@ def plain(text) -> str:
 
 
 def show_chart(fig: go.Figure, key: str) -> None:
-    """Draw a figure, enlarged when presenting."""
-    st.plotly_chart(presentation_layout(fig) if presenting() else fig, key=key, config={"displaylogo": False})
+    """Draw a figure, its fonts enlarged when presenting (at a height that fits a projector)."""
+    shown = presentation_layout(fig, height=PRESENTATION_CHART_HEIGHT) if presenting() else fig
+    st.plotly_chart(shown, key=key, config={"displaylogo": False})
 
 
-def three_charts(results: list[Result], key: str) -> None:
-    """Throughput, Peak memory and Backward time side by side."""
+def throughput_unit_choice(results: list[Result], key: str) -> str:
+    """tokens/s or samples/s for every chart and number of a view: tokens/s for sequence models
+    (switchable to samples/s), samples/s when a run has no sequence length."""
+    natural = throughput_unit(results)
+    if natural == "samples/s":
+        return natural
+    st.session_state.setdefault(key, natural)
+    return st.segmented_control("Throughput in", ["tokens/s", "samples/s"], key=key, required=True)
+
+
+def three_charts(results: list[Result], key: str, unit: str | None = None) -> None:
+    """Throughput (in ``unit``), Peak memory and Backward time side by side."""
     for column, build in zip(st.columns(3), MAIN_CHARTS):
         with column:
-            show_chart(build(results), key=f"{key}.{build.__name__}")
+            fig = build(results, unit) if build is MAIN_CHARTS[0] else build(results)
+            show_chart(fig, key=f"{key}.{build.__name__}")
 
 
 def environment_note(results: list[Result]) -> None:

@@ -189,6 +189,36 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def available_ram_bytes() -> int | None:
+    """Memory available to new work now (``MemAvailable`` of /proc/meminfo); None elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_facts() -> dict:
+    """What decides whether CPU timings mean anything: the CPU's name, its logical cores, the
+    cores this process may use, the threads torch computes with, total and available RAM and
+    the load average over the last minute (None where the OS does not say)."""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model_name(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": device_capacity_bytes("cpu"),
+        "available_bytes": available_ram_bytes(),
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
 # Both names configure the CUDA caching allocator (the second is the older, still read).
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 

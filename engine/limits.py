@@ -117,9 +117,7 @@ def check_memory(config: BenchConfig) -> None:
     estimate = analytic_estimate(config)
     if estimate is None:
         return
-    peak, qualifier = estimate.peak, "about"
-    if peak is None:
-        peak, qualifier = estimate.params + estimate.grads + estimate.optimizer, "at least"
+    peak, qualifier = estimate.peak_bound()
     if peak > factor * limit:
         what = f"its {config.memory_cap_gib:g} GiB memory cap" if config.memory_cap_gib is not None else \
             f"this device's {_size(limit)}"

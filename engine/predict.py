@@ -232,6 +232,13 @@ class AnalyticEstimate:
     peak: int | None
     notes: tuple[str, ...] = field(default=())
 
+    def peak_bound(self) -> tuple[int, str]:
+        """(bytes, "about") from the full estimate, else (bytes, "at least") from what is exact
+        for every model: parameters, gradients and optimizer state, a lower bound of the peak."""
+        if self.peak is not None:
+            return self.peak, "about"
+        return self.params + self.grads + self.optimizer, "at least"
+
     def to_dict(self) -> dict:
         return asdict(self) | {"notes": list(self.notes)}
 
@@ -285,6 +292,12 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
         cast_elems_outside=sum(outside.values()),
         batch_norm_layers=tuple(models.batch_norm_layers(model)),
     )
+
+
+def model_param_count(config: BenchConfig) -> int | None:
+    """Parameters of ``config``'s model (built on the meta device); None if it cannot be built there."""
+    facts = _model_facts(config)
+    return None if facts is None else facts.n_params
 
 
 def batch_norm_layers(config: BenchConfig) -> tuple[str, ...] | None:

@@ -1,6 +1,7 @@
 """Compare page: the latest sweep by default, failed runs as placeholders, environments, diff."""
 import dataclasses
 
+from app import ui
 from tests.app_fixtures import (H100_ENV, app_db, chart, chart_titles, make_result, make_sweep, open_app,  # noqa: F401
                                 with_metrics)
 
@@ -24,7 +25,7 @@ def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
         figure = chart(at, title)
         assert sum(len(t["x"]) for t in figure["data"] if t["type"] == "bar") == 4  # the ok runs
         [failed] = [t for t in figure["data"] if t["name"] == "failed runs"]
-        assert failed["x"] == ["b4 · fp32", "b4 · bf16"] and failed["text"] == ["OOM", "OOM"]
+        assert failed["x"] == ["gpt-tiny · b4 · fp32", "gpt-tiny · b4 · bf16"] and failed["text"] == ["OOM", "OOM"]
     assert "2 run(s) did not finish" in at.expander[0].label and "OOM" in at.expander[0].label
     [caption] = [c.value for c in at.caption if c.value.startswith("Measured on:")]
     assert "Test CPU, 2 threads, torch 2\\.13\\.0 · measured here" in caption  # Markdown-escaped
@@ -77,14 +78,15 @@ def test_presentation_mode_enlarges_fonts_and_charts(app_db):
     app_db.add_many(make_sweep("s", batches=(1, 2)))
     at = open_app("views/compare.py")
     normal = chart(at, "Throughput")["layout"]
-    assert not [h for h in at.get("html") if "font-size" in h.proto.body]
+    assert not [h for h in at.get("html") if "h1 { font-size" in h.proto.body]
     # The toggle lives in main.py's sidebar; AppTest lists it on the default page only.
     at.session_state["presentation"] = True
     at.run()
     assert not at.exception
     big = chart(at, "Throughput")["layout"]
-    assert big["height"] > normal["height"] and big["font"]["size"] > normal.get("font", {}).get("size", 12)
-    assert [h for h in at.get("html") if "font-size" in h.proto.body]
+    # Larger type, at a height that keeps three charts on a 1280×720 projector (checked in a browser).
+    assert big["height"] == ui.PRESENTATION_CHART_HEIGHT and big["font"]["size"] > normal.get("font", {}).get("size", 12)
+    assert [h for h in at.get("html") if "h1 { font-size" in h.proto.body]
 
 
 def test_demo_runs_beside_this_machines_are_marked_with_their_origin(app_db):
@@ -96,7 +98,7 @@ def test_demo_runs_beside_this_machines_are_marked_with_their_origin(app_db):
     legend = sorted(t["name"].split(" · ", 2)[-1] for t in chart(at, "Throughput")["data"])
     assert legend == ["Test CPU · demo data", "Test CPU · measured here"]  # same device name, told apart
     chosen = at.multiselect(key="compare.runs")
-    assert sorted(chosen.format_func(i).split(" · ")[-2] for i in chosen.value) == ["demo data", "measured here"]
+    assert sorted(chosen.format_func(i).split(" · ")[-1] for i in chosen.value) == ["demo data", "measured here"]
     changes = at.dataframe[-2].value
     assert dict(zip(changes["setting"], changes["B"]))["origin"] in ("demo data", "measured here")
 
@@ -108,7 +110,7 @@ def test_noisy_runs_are_named_and_marked(app_db):
     at = open_app("views/compare.py")
     [warning] = [w.value for w in at.warning if "noisy" in w.value]
     assert "1 run(s) are noisy" in warning and "step time varies by 114% between steps" in warning and "treat with care" in warning
-    assert sorted(chart(at, "Throughput")["data"][0]["x"]) == ["b1", "b2 (noisy)"]
+    assert sorted(chart(at, "Throughput")["data"][0]["x"]) == ["gpt-tiny · b1", "gpt-tiny · b2 (noisy)"]
 
 
 def test_the_diff_never_compares_a_run_with_itself(app_db):

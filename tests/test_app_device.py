@@ -8,10 +8,23 @@ def test_without_a_gpu_the_page_says_so_and_names_the_cpu(app_db, monkeypatch):
     monkeypatch.setattr(nvml, "list_gpus", lambda: [])
     monkeypatch.setattr(nvml, "unavailable_reason", lambda: "No NVIDIA driver found (NVML: Driver Not Loaded)")
     monkeypatch.setattr(devices, "cpu_model_name", lambda: "Test CPU 9000")
+    monkeypatch.setattr(devices, "cpu_facts", lambda: {
+        "cpu": "Test CPU 9000", "logical_cores": 4, "usable_cores": 2, "torch_threads": 2, "ram_bytes": 24 * GIB,
+        "available_bytes": 20 * GIB, "load_avg": 1.73})
     at = open_app("views/device.py")
     [notice] = at.info
     assert "No NVIDIA driver found" in notice.value and "Test CPU 9000" in notice.value
-    assert not at.metric
+    # What decides whether CPU timings mean anything: cores, threads, RAM, load (busy: warned).
+    assert [(m.label, m.value) for m in at.metric] == [
+        ("Cores (usable / logical)", "2 / 4"), ("Torch threads", "2"), ("RAM available / total", "20 / 24 GiB"),
+        ("Load (1 min)", "1.73")]
+    assert "This CPU is busy (load 1.73 on 2 usable cores)" in at.warning[0].value
+
+
+def test_cpu_facts_are_read_from_this_machine():
+    facts = devices.cpu_facts()
+    assert facts["usable_cores"] >= 1 and facts["torch_threads"] >= 1 and facts["ram_bytes"] > GIB
+    assert 0 < facts["available_bytes"] <= facts["ram_bytes"]
 
 
 def test_gpus_are_listed_with_memory_utilisation_temperature_and_power(app_db, monkeypatch):
@@ -43,5 +56,5 @@ def test_the_self_check_runs_from_the_page_and_shows_every_check(app_db, monkeyp
     at = click(open_app("views/device.py"), "Run self-check")
     at = wait_until(at, finished("device.selfcheck"))
     [table] = at.dataframe
-    assert list(table.value["status"]) == ["pass", "skip"] and "needs a GPU" in list(table.value["reason"])
+    assert list(table.value["result"]) == ["pass", "skip"] and "needs a GPU" in list(table.value["why"])
     assert at.success[0].value == "No check failed."

@@ -40,8 +40,8 @@ def test_three_charts_have_titles_units_one_bar_per_run_and_oom_placeholders(bui
     ok_labels = [label for label, r in zip(labels, results) if r.ok]
     assert sorted(x for bar in _bars(fig) for x in bar["x"]) == sorted(ok_labels)  # one bar per ok run
     failed = _failed(fig)
-    assert failed["x"] == ["b4 · fp32", "b4 · bf16"] and failed["y"] == [0, 0]
-    assert _statuses(fig) == [("b4 · fp32", "OOM"), ("b4 · bf16", "OOM")]
+    assert failed["x"] == ["gpt-tiny · b4 · fp32", "gpt-tiny · b4 · bf16"] and failed["y"] == [0, 0]
+    assert _statuses(fig) == [("gpt-tiny · b4 · fp32", "OOM"), ("gpt-tiny · b4 · bf16", "OOM")]
     assert fig["layout"]["xaxis"]["categoryarray"] == labels  # every run keeps its place, failed ones too
 
 
@@ -97,17 +97,19 @@ def test_runs_from_different_devices_are_separate_legend_entries():
                                                         "fp32 · no checkpointing · Test CPU"]
     # Same precision and policy, so the same colour; the second environment is outlined.
     assert [bar["marker"]["line"]["width"] for bar in _bars(fig)] == [0, 3]
-    assert charts.run_labels(results) == ["Test CPU", "NVIDIA H100 80GB HBM3"]
+    assert charts.run_labels(results) == ["gpt-tiny · Test CPU", "gpt-tiny · NVIDIA H100 80GB HBM3"]
 
 
-def test_labels_name_only_what_differs_and_stay_unique():
+def test_labels_name_the_model_then_only_what_differs_and_stay_unique():
     results = make_sweep(batches=(1, 2), precisions=("fp32",))
-    assert charts.run_labels(results) == ["b1", "b2"]
+    assert charts.run_labels(results) == ["gpt-tiny · b1", "gpt-tiny · b2"]
     repeats = [make_result(batch=2), make_result(batch=2)]
     labels = charts.run_labels(repeats)
     assert len(set(labels)) == 2 and all(label.startswith("gpt-tiny · b2 · fp32 · ckpt none #") for label in labels)
     dims = [make_result(batch=2), make_result(batch=2, overrides={"seq_len": 64})]
-    assert charts.run_labels(dims) == ["seq_len=128", "seq_len=64"]
+    assert charts.run_labels(dims) == ["gpt-tiny · seq_len=128", "gpt-tiny · seq_len=64"]
+    models = [make_result(batch=2), make_result(model="mlp", batch=2)]
+    assert charts.run_labels(models) == ["gpt-tiny", "mlp"]
 
 
 def test_breakdowns_are_stacked_with_one_bar_per_run_and_part():
@@ -115,13 +117,13 @@ def test_breakdowns_are_stacked_with_one_bar_per_run_and_part():
     phases = charts.build_phase_breakdown(results).to_dict()
     assert phases["layout"]["barmode"] == "stack"
     assert [b["name"] for b in _bars(phases)] == ["forward", "backward", "optimizer"]
-    assert all(b["x"] == ["b1"] for b in _bars(phases))
+    assert all(b["x"] == ["gpt-tiny · b1"] for b in _bars(phases))
     assert _bars(phases)[1]["y"] == [results[0].metrics.backward_ms.median]
     memory = charts.build_memory_breakdown(results).to_dict()
     assert [b["name"] for b in _bars(memory)] == ["params", "grads", "optimizer", "activations", "other"]
     assert memory["layout"]["yaxis"]["title"]["text"] == "GiB"
     assert _bars(memory)[0]["y"] == [pytest.approx(results[0].metrics.memory_breakdown_bytes.params / GIB)]
-    assert _statuses(memory) == [("b2", "OOM")]
+    assert _statuses(memory) == [("gpt-tiny · b2", "OOM")]
 
 
 def test_sweep_lines_have_one_line_per_other_setting_and_failed_points():

@@ -151,12 +151,14 @@ def add_failed_placeholders(fig: go.Figure, results: list[Result], xs: list, leg
     )
 
 
-def presentation_layout(fig: go.Figure, scale: float = 1.5) -> go.Figure:
-    """A copy of ``fig`` with fonts and height scaled up for a projector."""
+def presentation_layout(fig: go.Figure, scale: float = 1.5, height: int | None = None) -> go.Figure:
+    """A copy of ``fig`` with fonts scaled up for a projector, and its height scaled too (or
+    set to ``height``, to fit a screen)."""
     big = go.Figure(fig)
     size = round(12 * scale)
     big.update_layout(font=dict(size=size), title_font_size=round(17 * scale), legend_font_size=size,
-                      height=round((fig.layout.height or CHART_HEIGHT) * scale))
+                      title_subtitle_font_size=round(11 * scale),
+                      height=height or round((fig.layout.height or CHART_HEIGHT) * scale))
     # Axis fonts are set explicitly: the dashboard's theme template sets them, and a template's
     # axis font wins over the figure-wide one.
     big.update_xaxes(tickfont_size=size, title_font_size=size)

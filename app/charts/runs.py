@@ -79,11 +79,13 @@ def varying_fields(results: list[Result], fields: tuple[str, ...] = LABEL_FIELDS
 def run_labels(results: list[Result]) -> list[str]:
     """One short, unique x-axis label per run built from the fields that differ between runs.
 
-    A sweep over batch × precision reads "b4 · bf16" rather than repeating the model name on
-    every bar; identical configs (repeats, or a teammate's run of the same settings) get the
+    A sweep over batch × precision reads "gpt-tiny · b4 · bf16": the model, then only what
+    differs; identical configs (repeats, or a teammate's run of the same settings) get the
     first characters of their id so no two bars share a category.
     """
-    fields = varying_fields(results) or ["model", "batch", "precision", "ckpt"]
+    fields = varying_fields(results) or ["batch", "precision", "ckpt"]
+    # The model is always named: a bar read on its own (a screenshot, a projector) says what ran.
+    fields = fields if "model" in fields else ["model", *fields]
     labels = [" · ".join(_field_text(r, f) for f in fields) for r in results]
     counts = Counter(labels)
     labels = [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]

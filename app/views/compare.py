@@ -1,4 +1,6 @@
 """Compare page: chosen runs side by side (three charts, breakdowns, sweep lines, a diff)."""
+from collections import Counter
+
 import streamlit as st
 
 from app import storage, ui
@@ -24,17 +26,31 @@ for run in runs:
 
 
 def describe_sweep(option: str) -> str:
+    """A sweep in words: model, what it varied, how many runs, where and when they ran."""
     if option == HAND_PICKED:
         return option
-    first = sweeps[option][-1]
-    return (f"Sweep {option[:8]} · {len(sweeps[option])} runs · {first.config.model_label} · "
-            f"{first.env.label} · {first.created_at[:16].replace('T', ' ')}")
+    members = sweeps[option]
+    first = members[-1]
+    varied = ", ".join(run_charts.varying_fields(members)) or "one setting"
+    return (f"{first.config.model_label}: sweep over {varied} · {len(members)} runs · {first.env.label} · "
+            f"{first.origin_words} · {first.created_at[:16].replace('T', ' ')}")
+
+
+def run_words(run: Result) -> str:
+    """A run in words: when, model and configuration, its status, environment and origin."""
+    status = "" if run.ok else f" · {run.status.upper()}"
+    return (f"{run.created_at[:16].replace('T', ' ')} · {run.config.describe()}{status} · {run.env.label} "
+            f"· {run.origin_words}")
+
+
+# Two runs that read the same (a repeat of one setting) get the start of their id, only then.
+_run_words = {i: run_words(r) for i, r in by_id.items()}
+_repeats = Counter(_run_words.values())
 
 
 def describe_run(run_id: str) -> str:
-    run = by_id[run_id]
-    return (f"{run.created_at[:16].replace('T', ' ')} · {run.config.describe()} · {run.status} · {run.env.label} "
-            f"· {run.origin_words} · {run_id[:6]}")
+    words = _run_words[run_id]
+    return f"{words} · #{run_id[:6]}" if _repeats[words] > 1 else words
 
 
 # Runs sent from the Results page ("Compare" on a selection) open as a hand-picked set.
@@ -55,10 +71,14 @@ if not selected:
     st.info("Choose at least one run.")
     st.stop()
 
+unit = ui.throughput_unit_choice(selected, key="compare.unit")
+if ui.presenting():  # the charts first: on a projector they are what the room reads
+    ui.three_charts(selected, key="compare", unit=unit)
 ui.environment_note(selected)
 ui.noisy_runs_note(selected)
 ui.failed_runs_note(selected)
-ui.three_charts(selected, key="compare")
+if not ui.presenting():
+    ui.three_charts(selected, key="compare", unit=unit)
 
 phases, memory = st.columns(2)
 with phases:

@@ -11,7 +11,7 @@ from collections import Counter
 import pandas as pd
 import streamlit as st
 
-from app import form, storage, tasks, ui
+from app import form, storage, tables, tasks, ui
 from app.charts import decisions
 from app.panels import find_batch_panel, gib, numerical_cost_panel, percent
 from engine import devices, frontier, limits, pitfall, predict, timeline
@@ -85,7 +85,7 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
             "fitted error %": st.column_config.NumberColumn(format="%+.2f %%"),
             "analytic error %": st.column_config.NumberColumn(format="%+.2f %%")})
     st.markdown(f"**Largest micro-batch with {margin:.0%} left free**")
-    st.dataframe(pd.DataFrame(report["capacities"]).drop(columns=["capacity_bytes"]), hide_index=True)
+    st.dataframe(tables.in_words(report["capacities"], drop=("capacity_bytes",)), hide_index=True)
     if report["analytic"]:
         with st.expander("Analytic estimate at this batch"):
             a = report["analytic"]

@@ -4,14 +4,14 @@ The configuration is the shared sidebar form (app/form.py), mirrored into the UR
 page's link reopens it. "Run benchmark" starts a background task (app/tasks.py) and returns
 at once; its follower shows the progress, and the whole page reruns when a result arrives.
 """
+import json
 from urllib.parse import urlencode
 
 import streamlit as st
 
-from app import form, storage, tasks, ui
-from app.charts.runs import throughput_unit
+from app import form, params, storage, tasks, ui
 from app.panels import find_batch_panel
-from engine import limits, predict, sweep
+from engine import devices, expect, limits, predict, sweep
 from engine.config import FIELDS_BY_NAME, GIB, SWEEP_FIELDS, BenchConfig, ConfigError, ConfigField, sweep_values
 from engine.results import Result
 
@@ -28,9 +28,29 @@ def parse_values(field: ConfigField, text: str) -> list:
                                             f"e.g. {field.spec.sweep}") from None
 
 
-def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str]]:
-    """Sweep definition widgets; the expanded configs and the engine's notes (ConfigError if
-    invalid, too large, or if a config asks for more than this server's limits)."""
+def sweep_from_link() -> None:
+    """Once per session: a link's sweep definition (``params.parse_sweep_params``) opens the
+    page in Sweep mode with its axes and values; invalid parts are named and left out."""
+    if "run.link_read" in st.session_state:
+        return
+    st.session_state["run.link_read"] = True
+    grid, effective, warnings = params.parse_sweep_params(st.query_params.to_dict())
+    for warning in warnings:
+        st.warning(ui.plain(warning))
+    if grid is None:
+        return
+    st.session_state["run.mode"] = "Sweep"
+    st.session_state["run.sweep.fields"] = list(grid)
+    for name, values in grid.items():
+        field = FIELDS_BY_NAME[name]
+        st.session_state[f"run.sweep.{name}"] = values if field.choices else ",".join(field.format(v) for v in values)
+    st.session_state["run.sweep.effective_batch"] = effective
+
+
+def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str], dict]:
+    """Sweep definition widgets; the expanded configs, the engine's notes and the definition's
+    link parameters (ConfigError if invalid, too large, or if a config asks for more than
+    this server's limits)."""
     st.session_state.setdefault("run.sweep.fields", ["batch", "precision"])
     names = st.multiselect("Sweep over", SWEEP_FIELDS, key="run.sweep.fields", **PERSIST)
     grid = {}
@@ -52,7 +72,7 @@ def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str]]:
     configs, notes = sweep.expand(base, grid, effective or None)
     for candidate in configs:  # typed values, and the accumulation a fixed effective batch derives
         limits.check_limits(candidate)
-    return configs, notes
+    return configs, notes, params.sweep_to_query_params(grid, effective)
 
 
 def _shown(value, spec: str) -> str:
@@ -65,17 +85,16 @@ def _phase_metric(column, label: str, summary) -> None:
                   help=summary and f"p10 {summary.p10:.1f} ms, p90 {summary.p90:.1f} ms")
 
 
-def key_numbers(result: Result) -> None:
+def key_numbers(result: Result, unit: str) -> None:
     """The headline numbers of one run (or why it failed); "–" for a metric it lacks."""
     if not result.ok:
         st.error(f"{result.status.upper()}: {ui.plain(result.error or '(no message)')}")
         return
     m = result.metrics
-    unit = throughput_unit([result])
     peak = m.peak_allocated_bytes
     columns = st.columns(5)
-    columns[0].metric(f"Throughput ({unit})", _shown(m.tokens_per_s if unit == "tokens/s" else m.samples_per_s, ",.0f"))
-    columns[1].metric("Peak memory (GiB)", _shown(None if peak is None else peak / GIB, ".3f"))
+    columns[0].metric(f"Throughput ({unit})", _shown(m.tokens_per_s if unit == "tokens/s" else m.samples_per_s, ",.3g"))
+    columns[1].metric("Peak memory (GiB)", _shown(None if peak is None else peak / GIB, ".3g"))
     _phase_metric(columns[2], "Step time (ms)", m.step_ms)
     _phase_metric(columns[3], "Backward time (ms)", m.backward_ms)
     columns[4].metric("Effective batch", m.effective_batch)
@@ -83,29 +102,62 @@ def key_numbers(result: Result) -> None:
         st.warning("\n".join(f"- {ui.plain(warning)}" for warning in result.warnings))
 
 
-def latest_stored() -> list[Result]:
-    """The newest stored run, or the whole sweep it belongs to, oldest first."""
-    store = storage.get_store()
-    newest = store.list(limit=1)
-    latest = store.list(sweep_id=newest[0].sweep_id) if newest and newest[0].sweep_id else newest
-    return sorted(latest, key=lambda r: r.created_at)
+def stored_for(configs: list[BenchConfig]) -> list[Result]:
+    """The newest stored run of each of ``configs`` (these settings exactly), in their order:
+    the page never shows an unrelated run as if it were these settings' result."""
+    def key(config: BenchConfig) -> str:
+        return json.dumps(config.to_dict(), sort_keys=True)
+
+    wanted = {key(c) for c in configs}
+    newest: dict[str, Result] = {}
+    for result in storage.get_store().list():  # newest first
+        if (k := key(result.config)) in wanted:
+            newest.setdefault(k, result)
+    return [newest[key(c)] for c in configs if key(c) in newest]
+
+
+def shown_results(results: list[Result], fresh: bool) -> None:
+    """Key numbers (one run) and the three charts of ``results``; a cancelled run said plainly."""
+    cancelled = [r for r in results if r.status == "cancelled"]
+    finished = [r for r in results if r.status != "cancelled"]
+    if cancelled:
+        st.info(f"Cancelled: {len(cancelled)} run(s) stopped before they finished; nothing of them was measured."
+                + (f" {len(finished)} run(s) finished before that." if finished else ""))
+    if not finished:
+        return
+    st.subheader("Latest results" if fresh else "Stored results of these settings")
+    unit = ui.throughput_unit_choice(finished, key="run.unit")
+    if len(finished) == 1:
+        key_numbers(finished[0], unit)
+    ui.environment_note(finished)
+    ui.failed_runs_note(finished)
+    ui.three_charts(finished, key="run", unit=unit)
 
 
 # ---------------------------------------------------------------- settings and link
 st.title("Run")
+sweep_from_link()
 config = form.config_form()
-link = form.link(config) if config else {}
-if config and st.query_params.to_dict() != link:
-    st.query_params.from_dict(link)
+if config and form.from_shared_link(config):
+    st.info("Settings from a shared link. Below: the stored results of exactly these settings, or \"not run yet\".")
+if config:
+    expectation = expect.expect(config, storage.get_store().list(), devices.this_host_id())
+    st.caption(ui.plain(expectation.words()))
+    for warning in expectation.warnings():
+        st.warning(ui.plain(warning))
 
 st.session_state.setdefault("run.mode", "Single run")
 mode = st.segmented_control("Mode", ["Single run", "Sweep"], required=True, key="run.mode", **PERSIST)
-configs, notes = [], []
+configs, notes, sweep_link = [], [], {}
 if config:
     try:
-        configs, notes = sweep_settings(config) if mode == "Sweep" else ([config], [])
+        configs, notes, sweep_link = sweep_settings(config) if mode == "Sweep" else ([config], [], {})
     except ConfigError as exc:
         st.error(f"Invalid setting: {ui.plain(exc)}")
+# The link reproduces the whole benchmark: every setting, each changed dimension, the sweep.
+link = form.link(config) | sweep_link if config else {}
+if config and st.query_params.to_dict() != link:
+    st.query_params.from_dict(link)
 for note in notes:
     st.caption(ui.plain(note))
 if mode == "Sweep" and configs:
@@ -115,7 +167,8 @@ if mode == "Sweep" and configs:
 start_column, link_column = st.columns([1, 4])
 with link_column.popover("Copy link", icon=":material/link:", disabled=not link):
     st.code(f"{st.context.url or ''}?{urlencode(link)}", language=None)
-    st.caption("Opens the Run page with these settings: every setting, and each changed model dimension.")
+    st.caption("Opens the Run page with these settings: every setting, each changed model dimension and, "
+               "in Sweep mode, the sweep.")
 as_sweep = mode == "Sweep"
 # The store is opened when a run starts, not before: a page whose database is unusable still
 # draws its form, and the click says why it cannot store a run instead of measuring one.
@@ -128,15 +181,10 @@ if mode == "Single run" and config:
                      expanded="run.find" in st.session_state):
         find_batch_panel(config, predict.DEFAULT_MARGIN, key="run.find")
 
-# ---------------------------------------------------------------- newest results
+# ---------------------------------------------------------------- results of these settings
 fresh = bool(state and state.results)
-latest = list(state.results) if fresh else latest_stored()
+latest = list(state.results) if fresh else stored_for(configs)
 if latest:
-    st.subheader("Latest results" if fresh else "Latest stored results")
-    if len(latest) == 1:
-        key_numbers(latest[0])
-    ui.environment_note(latest)
-    ui.failed_runs_note(latest)
-    ui.three_charts(latest, key="run")
+    shown_results(latest, fresh)
 else:
-    st.info("No runs yet. Choose settings in the sidebar and press **Run benchmark**.")
+    st.info("Not run yet: no stored run has these settings. Press **Run benchmark** to measure them.")
