@@ -36,6 +36,7 @@ pages = [
     st.Page(VIEWS / "compare.py", title="Compare", icon=":material/bar_chart:"),
     st.Page(VIEWS / "decide.py", title="Decide", icon=":material/lightbulb:"),
     st.Page(VIEWS / "results.py", title="Results", icon=":material/table:"),
+    st.Page(VIEWS / "talk.py", title="Talk", icon=":material/co_present:"),
     st.Page(VIEWS / "device.py", title="Device", icon=":material/memory:"),
 ]
 page = st.navigation(pages)

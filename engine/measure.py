@@ -92,8 +92,8 @@ def _warnings(summaries: dict[str, Summary], steps: int, skipped: int | None, re
     for key, summary in summaries.items():
         if summary.noisy:
             notes.append(
-                f"{summary.noise_words(TIMED_WORDS.get(key, key))} over {steps} steps (over {NOISE_THRESHOLD:.0%} "
-                "is noisy: more steps or a quieter machine give steadier figures)"
+                f"{summary.noise_words(TIMED_WORDS.get(key, key))} (over {steps} steps; more than "
+                f"{NOISE_THRESHOLD:.0%} is noisy: more steps or a quieter machine give steadier figures)"
             )
     if skipped:
         notes.append(f"{skipped} of {steps} timed steps were skipped by GradScaler (inf/NaN gradients)")

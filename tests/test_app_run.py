@@ -291,3 +291,12 @@ def test_the_expected_peak_and_duration_are_shown_before_running_and_a_misfit_wa
     at = open_app(query={"model": "gpt-xl", "batch": "8", "device": "cpu"})
     assert any("Expected: peak about" in shown(c.value) and "analytic estimate" in shown(c.value) for c in at.caption)
     assert any("most likely not fit" in shown(w.value) for w in at.warning)
+
+
+def test_the_first_minute_says_what_the_tool_answers_and_loads_the_demo_data_right_there(app_db):
+    at = open_app()
+    assert "cost and save on your model" in at.markdown[0].value
+    assert any("Run benchmark" in m.value and "Compare and decide" in m.value for m in at.markdown)
+    click(at, "Load demo data")
+    assert not at.exception and app_db.count() > 0
+    assert all(r.origin == "demo" for r in app_db.list())

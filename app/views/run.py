@@ -134,8 +134,32 @@ def shown_results(results: list[Result], fresh: bool) -> None:
     ui.three_charts(finished, key="run", unit=unit)
 
 
+QUESTION = ("What do batch size, gradient accumulation, mixed precision and activation checkpointing cost and "
+            "save on your model, on this machine? Tradeoff Lab measures real training steps and shows you.")
+
+
+def first_minute() -> None:
+    """The one-sentence answer of what the tool is for; with nothing stored yet, the three
+    steps and the demo data (real runs, for a machine without a GPU)."""
+    st.markdown(QUESTION)
+    if storage.get_store().count():
+        return
+    steps, demo = st.columns([3, 1])
+    steps.markdown("1. **Pick a configuration** in the sidebar: model, batch, accumulation, precision, checkpointing\n"
+                   "2. Press **Run benchmark** (or a sweep of several)\n"
+                   "3. **Compare and decide** on the Compare and Decide pages")
+    if demo.button("Load demo data", icon=":material/dataset:",
+                   help="Real runs of gpt-tiny (batch × precision × checkpointing) recorded on a CPU: "
+                        "explore every page without measuring anything."):
+        for outcome in storage.load_demo(storage.get_store()):
+            (st.error if outcome.error else st.success)(ui.plain(outcome.message()))
+        st.switch_page("views/compare.py")
+
+
 # ---------------------------------------------------------------- settings and link
 st.title("Run")
+with storage.database_errors_shown():
+    first_minute()
 sweep_from_link()
 config = form.config_form()
 if config and form.from_shared_link(config):
