@@ -21,9 +21,11 @@ def _failed(fig_dict: dict) -> dict:
 
 
 def _statuses(fig_dict: dict) -> list[tuple]:
-    """(x, status) written above each failed run (the failed-runs trace's text)."""
-    failed = [t for t in fig_dict["data"] if t.get("name") == common.FAILED_NAME]
-    return [(x, text) for trace in failed for x, text in zip(trace["x"], trace["text"])]
+    """(x, status) written on each failed run: the failed-runs trace's text, or a per-run
+    chart's empty bar labelled with its status."""
+    failed = [t for t in fig_dict["data"] if t.get("name") == common.FAILED_NAME or t["type"] == "bar"]
+    return [(x, text) for trace in failed for x, text in zip(trace["x"], trace.get("text") or [])
+            if text in ("OOM", "TIMEOUT", "ERROR", "CANCELLED")]
 
 
 @pytest.mark.parametrize("build, title, unit", [
@@ -36,13 +38,15 @@ def test_three_charts_have_titles_units_one_bar_per_run_and_oom_placeholders(bui
     fig = build(results).to_dict()
     assert fig["layout"]["title"]["text"] == title
     assert fig["layout"]["yaxis"]["title"]["text"] == unit
-    labels = charts.run_labels(results)
-    ok_labels = [label for label, r in zip(labels, results) if r.ok]
-    assert sorted(x for bar in _bars(fig) for x in bar["x"]) == sorted(ok_labels)  # one bar per ok run
-    failed = _failed(fig)
-    assert failed["x"] == ["gpt-tiny · b4 · fp32", "gpt-tiny · b4 · bf16"] and failed["y"] == [0, 0]
-    assert _statuses(fig) == [("gpt-tiny · b4 · fp32", "OOM"), ("gpt-tiny · b4 · bf16", "OOM")]
-    assert fig["layout"]["xaxis"]["categoryarray"] == labels  # every run keeps its place, failed ones too
+    # Grouped by batch (horizontal labels), the model once in the axis title; precision is the colour.
+    assert fig["layout"]["xaxis"]["title"]["text"] == "runs of gpt-tiny"
+    assert fig["layout"]["xaxis"]["categoryarray"] == ["b1", "b2", "b4"] and fig["layout"]["barmode"] == "group"
+    bars = {bar["name"]: bar for bar in _bars(fig)}
+    assert set(bars) == {"fp32", "bf16"}
+    assert all(list(bar["x"]) == ["b1", "b2", "b4"] for bar in bars.values())  # one bar per run, failed ones too
+    # A failed run keeps its slot: an empty bar labelled with its status.
+    assert _statuses(fig) == [("b4", "OOM"), ("b4", "OOM")]
+    assert [bar["y"][2] for bar in bars.values()] == [0, 0]
 
 
 def test_error_bars_come_from_p10_and_p90():
@@ -76,7 +80,7 @@ def test_memory_chart_draws_the_capacity_and_the_memory_cap_as_lines():
     texts = [a["text"] for a in fig["layout"]["annotations"]]  # the lines' labels
     assert "memory cap 0.25 GiB" in texts
     assert any("Test CPU capacity 0.5 GiB" in text for text in texts)
-    assert _statuses(fig) == [(charts.run_labels(results)[1], "OOM")]
+    assert _statuses(fig) == [(charts.group_labels(results)[1], "OOM")]
     assert "range" not in fig["layout"]["yaxis"]
 
 
@@ -93,8 +97,8 @@ def test_a_capacity_far_above_the_bars_is_said_in_words():
 def test_runs_from_different_devices_are_separate_legend_entries():
     results = [make_result(batch=2), make_result(env=H100_ENV, batch=2)]
     fig = charts.build_throughput(results).to_dict()
-    assert sorted(bar["name"] for bar in _bars(fig)) == ["fp32 · no checkpointing · NVIDIA H100 80GB HBM3",
-                                                        "fp32 · no checkpointing · Test CPU"]
+    assert sorted(bar["name"] for bar in _bars(fig)) == ["fp32 · NVIDIA H100 80GB HBM3",
+                                                        "fp32 · Test CPU"]
     # Same precision and policy, so the same colour; the second environment is outlined.
     assert [bar["marker"]["line"]["width"] for bar in _bars(fig)] == [0, 3]
     assert charts.run_labels(results) == ["gpt-tiny · Test CPU", "gpt-tiny · NVIDIA H100 80GB HBM3"]
@@ -117,13 +121,13 @@ def test_breakdowns_are_stacked_with_one_bar_per_run_and_part():
     phases = charts.build_phase_breakdown(results).to_dict()
     assert phases["layout"]["barmode"] == "stack"
     assert [b["name"] for b in _bars(phases)] == ["forward", "backward", "optimizer"]
-    assert all(b["x"] == ["gpt-tiny · b1"] for b in _bars(phases))
+    assert all(b["x"] == ["b1"] for b in _bars(phases))
     assert _bars(phases)[1]["y"] == [results[0].metrics.backward_ms.median]
     memory = charts.build_memory_breakdown(results).to_dict()
     assert [b["name"] for b in _bars(memory)] == ["params", "grads", "optimizer", "activations", "other"]
     assert memory["layout"]["yaxis"]["title"]["text"] == "GiB"
     assert _bars(memory)[0]["y"] == [pytest.approx(results[0].metrics.memory_breakdown_bytes.params / GIB)]
-    assert _statuses(memory) == [("gpt-tiny · b2", "OOM")]
+    assert _statuses(memory) == [("b2", "OOM")]
 
 
 def test_sweep_lines_have_one_line_per_other_setting_and_failed_points():
@@ -178,7 +182,8 @@ def test_failed_runs_are_one_trace_however_many_failed():
 
     assert sizes(2) == sizes(300)
     many = charts.build_throughput([make_result("timeout", batch=b) for b in range(1, 301)]).to_dict()
-    assert len(_failed(many)["x"]) == 300 and set(_failed(many)["text"]) == {"TIMEOUT"}
+    [bar] = _bars(many)
+    assert len(bar["x"]) == 300 and set(bar["text"]) == {"TIMEOUT"}
 
 
 def test_text_from_runs_reaches_a_figure_escaped():
@@ -201,10 +206,10 @@ def test_one_encoding_colour_per_precision_pattern_per_checkpointing_on_every_pe
     results = [make_result(batch=2, precision=p, ckpt=c) for p in ("fp32", "bf16") for c in ("none", "full")]
     for build in charts.MAIN_CHARTS:
         bars = {bar["name"]: bar["marker"] for bar in _bars(build(results).to_dict())}
-        assert set(bars) == {"fp32 · no checkpointing", "fp32 · ckpt full", "bf16 · no checkpointing", "bf16 · ckpt full"}
-        assert bars["fp32 · ckpt full"]["color"] == bars["fp32 · no checkpointing"]["color"] == common.PRECISION_COLORS["fp32"]
+        assert set(bars) == {"fp32", "fp32 · ckpt full", "bf16", "bf16 · ckpt full"}
+        assert bars["fp32 · ckpt full"]["color"] == bars["fp32"]["color"] == common.PRECISION_COLORS["fp32"]
         assert bars["bf16 · ckpt full"]["color"] == common.PRECISION_COLORS["bf16"]
-        assert bars["bf16 · ckpt full"]["pattern"]["shape"] == "/" and bars["bf16 · no checkpointing"]["pattern"]["shape"] == ""
+        assert bars["bf16 · ckpt full"]["pattern"]["shape"] == "/" and bars["bf16"]["pattern"]["shape"] == ""
     assert len(set(common.CKPT_PATTERNS.values())) == len(common.CKPT_PATTERNS)
 
 

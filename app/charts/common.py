@@ -36,7 +36,7 @@ OFF_SCALE_FACTOR = 5.0
 LEGENDS = {
     "below": dict(orientation="h", yanchor="top", y=-0.25),
     "right": dict(orientation="v", x=1.02, y=1),
-    "above": dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+    "above": dict(orientation="h", yanchor="bottom", y=1.02, x=0, entrywidth=0.5, entrywidthmode="fraction"),
 }
 
 
@@ -95,7 +95,7 @@ def describe(fig: go.Figure, text: str) -> go.Figure:
     lines are, how many steps they rest on); a further line is added after the first."""
     current = fig.layout.title.subtitle.text
     fig.update_layout(title_subtitle_text=f"{current}<br>{text}" if current else text,
-                      margin_t=(fig.layout.margin.t or 60) + 22)
+                      margin_t=(fig.layout.margin.t or 60) + 22 * (1 + text.count("<br>")))
     return fig
 
 
@@ -158,7 +158,9 @@ def presentation_layout(fig: go.Figure, scale: float = 1.5, height: int | None =
     size = round(12 * scale)
     big.update_layout(font=dict(size=size), title_font_size=round(17 * scale), legend_font_size=size,
                       title_subtitle_font_size=round(11 * scale),
-                      height=height or round((fig.layout.height or CHART_HEIGHT) * scale))
+                      height=height or round((fig.layout.height or CHART_HEIGHT) * scale),
+                      # The title, its subtitle and a legend above the plot grow with the type.
+                      margin_t=round((fig.layout.margin.t or 60) * (1 + scale) / 2))
     # Axis fonts are set explicitly: the dashboard's theme template sets them, and a template's
     # axis font wins over the figure-wide one.
     big.update_xaxes(tickfont_size=size, title_font_size=size)

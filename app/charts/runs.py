@@ -17,7 +17,7 @@ from engine.config import FIELD_NAMES, GIB
 from engine.results import BREAKDOWN_KEYS, Result
 
 from .common import (OFF_SCALE_FACTOR, above_chart, add_failed_placeholders, chart_text, ckpt_pattern, describe,
-                     error_bars, layout, limit_line, precision_color)
+                     error_bars, failed_hover, layout, limit_line, precision_color)
 
 THROUGHPUT_TITLE = "Throughput"
 PEAK_MEMORY_TITLE = "Peak memory"
@@ -76,16 +76,18 @@ def varying_fields(results: list[Result], fields: tuple[str, ...] = LABEL_FIELDS
     return [f for f in candidates if len({repr(field_value(r, f)) for r in results}) > 1]
 
 
-def run_labels(results: list[Result]) -> list[str]:
-    """One short, unique x-axis label per run built from the fields that differ between runs.
+def run_labels(results: list[Result], with_model: bool = True) -> list[str]:
+    """One short, unique label per run built from the fields that differ between runs.
 
-    A sweep over batch × precision reads "gpt-tiny · b4 · bf16": the model, then only what
-    differs; identical configs (repeats, or a teammate's run of the same settings) get the
-    first characters of their id so no two bars share a category.
+    A sweep over batch × precision reads "gpt-tiny · b4 · bf16": the model (unless
+    ``with_model`` is False: a chart names a shared model once, in its axis title), then only
+    what differs; identical configs (repeats, or a teammate's run of the same settings) get
+    the first characters of their id so no two share a label.
     """
     fields = varying_fields(results) or ["batch", "precision", "ckpt"]
-    # The model is always named: a bar read on its own (a screenshot, a projector) says what ran.
-    fields = fields if "model" in fields else ["model", *fields]
+    # The model is always named: a label read on its own (a picker, a diff) says what ran.
+    if with_model and "model" not in fields:
+        fields = ["model", *fields]
     labels = [" · ".join(_field_text(r, f) for f in fields) for r in results]
     counts = Counter(labels)
     labels = [f"{label} #{r.id[:6]}" if counts[label] > 1 else label for label, r in zip(labels, results)]
@@ -105,9 +107,16 @@ def environment_names(results: list[Result]) -> dict[str, str]:
     return {key: f"{name} [{key}]" if counts[name] > 1 else name for key, name in names.items()}
 
 
+def shared_model(results: list[Result]) -> str | None:
+    """The model every run trained, or None when they differ (or there are none)."""
+    models = {r.config.model_label for r in results}
+    return next(iter(models)) if len(models) == 1 else None
+
+
 def chart_labels(results: list[Result]) -> list[str]:
-    """``run_labels`` escaped for a figure (they hold model and device names from files)."""
-    return [chart_text(label) for label in run_labels(results)]
+    """``run_labels`` escaped for a figure (they hold model and device names from files); a
+    model every run shares is left out of them and named once, in the x-axis title."""
+    return [chart_text(label) for label in run_labels(results, with_model=shared_model(results) is None)]
 
 
 def _summary(result: Result, key: str) -> tuple[float, float, float] | None:
@@ -149,60 +158,93 @@ def backward_ms(result: Result) -> tuple[float, float, float] | None:
 
 
 # --------------------------------------------------------------------------- per-run layout
-def _per_run_layout(fig: go.Figure, title: str, unit: str, categories: list[str], stacked: bool) -> go.Figure:
-    """Runs in their given order on a category axis, y from zero; a per-run chart's devices
-    are listed above the plot, one per line, with the top margin grown to fit them."""
+def _per_run_layout(fig: go.Figure, title: str, unit: str, results: list[Result], categories: list[str],
+                    stacked: bool) -> go.Figure:
+    """``categories`` in order on a category axis (every one labelled), the model the runs
+    share as its title, y from zero; the three main charts' legend (precision and
+    checkpointing) goes above the plot, a stacked chart's parts to its right."""
     entries = sum(1 for trace in fig.data if trace.showlegend)
+    model = shared_model(results)
     layout(fig, title, y_title=unit, legend="right" if stacked else "above", bottom=20,
-           top=60 if stacked else 60 + 20 * entries, showlegend=entries > 0,
-           # "overlay": each category of a per-run chart holds exactly one bar, so grouping
-           # would only shift and narrow bars to leave room for other devices' empty slots.
-           barmode="stack" if stacked else "overlay")
-    fig.update_xaxes(type="category", categoryorder="array", categoryarray=categories, automargin=True)
+           top=60 if stacked else 60 + 22 * ((entries + 1) // 2), showlegend=entries > 0,
+           x_title=f"runs of {chart_text(model)}" if model else None,
+           barmode="stack" if stacked else "group")
+    # Every category keeps its label however narrow the chart: plotly would otherwise skip some.
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=categories, automargin=True,
+                     tickmode="linear", dtick=1)
     fig.update_yaxes(rangemode="nonnegative")  # even when every run failed and all that is drawn sits at 0
     return fig
+
+
+# Drawn as a bar's colour and pattern, so left out of its group's label.
+ENCODED_FIELDS = ("precision", "ckpt")
 
 
 def _style_name(result: Result, environment: str | None) -> str:
     """The legend entry of a run's bar: its precision and checkpointing (its colour and pattern),
     and its environment when the chart holds more than one."""
-    words = f"{result.config.precision} · {'no checkpointing' if result.config.ckpt == 'none' else 'ckpt ' + field_value(result, 'ckpt')}"
+    ckpt = "" if result.config.ckpt == "none" else f" · ckpt {field_value(result, 'ckpt')}"
+    words = result.config.precision + ckpt
     return words if environment is None else f"{words} · {environment}"
 
 
-def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
-    """Bars of one value per successful run, coloured by precision and patterned by
-    checkpointing (one trace, and legend entry, per combination); with runs from more than one
-    environment the entry names it too, so an H100 run beside a laptop run (or a demo run beside
-    this machine's) is visibly another environment."""
-    labels = chart_labels(results)
+def bar_styles(results: list[Result]) -> list[str]:
+    """Each run's legend entry (``_style_name``), escaped for a figure."""
     names = environment_names(results)
     mixed = len(names) > 1
+    return [chart_text(_style_name(r, names[r.environment_id] if mixed else None)) for r in results]
+
+
+def group_labels(results: list[Result]) -> list[str]:
+    """Each run's group on the x axis: what varies between the runs other than precision and
+    checkpointing (the bar's colour and pattern), e.g. "b4" in a batch × precision sweep; the
+    model when nothing else varies. Two runs of one style in one group (repeats) get the start
+    of their id."""
+    fields = [f for f in varying_fields(results) if f not in ENCODED_FIELDS] or ["model"]
+    labels = [chart_text(" · ".join(_field_text(r, f) for f in fields)) for r in results]
+    styles = bar_styles(results)
+    counts = Counter(zip(labels, styles))
+    return [f"{label} #{r.id[:6]}" if counts[(label, style)] > 1 else label
+            for label, style, r in zip(labels, styles, results)]
+
+
+def _per_run_bars(results: list[Result], title: str, unit: str, values: Callable[[Result], tuple | None]) -> go.Figure:
+    """One bar per run, grouped on the x axis by what varies besides precision and
+    checkpointing (``group_labels``: the batch, in a batch sweep), coloured by precision and
+    patterned by checkpointing (one trace, and legend entry, per combination). A failed run
+    keeps its slot as an empty bar labelled with its status (OOM...), a noisy run's bar says
+    "noisy". With runs from more than one environment the entry names it and the other
+    environments' bars are outlined, so an H100 run beside a laptop run (or a demo run beside
+    this machine's) is visibly another environment."""
+    groups, styles = group_labels(results), bar_styles(results)
+    first_environment = results[0].environment_id if results else None
     fig = go.Figure()
-    first_environment = next(iter(names), None)
-    groups: dict[str, list[int]] = {}
+    traces: dict[str, list[int]] = {}
     for i, result in enumerate(results):
-        if result.ok and values(result) is not None:
-            environment = chart_text(names[result.environment_id]) if mixed else None
-            groups.setdefault(_style_name(result, environment), []).append(i)
-    for name, indices in groups.items():
-        points = [values(results[i]) for i in indices]
-        config = results[indices[0]].config
+        if not result.ok or values(result) is not None:
+            traces.setdefault(styles[i], []).append(i)
+    for name, indices in traces.items():
+        points = [values(results[i]) if results[i].ok else (0.0, None, None) for i in indices]
+        first = results[indices[0]]
         fig.add_bar(
             name=name,
-            x=[labels[i] for i in indices],
+            x=[groups[i] for i in indices],
             y=[p[0] for p in points],
             error_y=error_bars(points),
-            marker=dict(color=precision_color(config.precision),
-                        pattern=dict(shape=ckpt_pattern(config.ckpt), fillmode="overlay", fgcolor="white"),
-                        # A second environment's bars are outlined: the same encoding, visibly elsewhere.
-                        line=dict(width=0 if results[indices[0]].environment_id == first_environment else 3,
-                                  color="black")),
+            text=[results[i].status.upper() if not results[i].ok else "noisy" if results[i].noisy else ""
+                  for i in indices],
+            textposition="outside", textangle=-90, textfont=dict(size=11), cliponaxis=False,
+            constraintext="none",
+            marker=dict(color=precision_color(first.config.precision),
+                        pattern=dict(shape=ckpt_pattern(first.config.ckpt), fillmode="overlay", fgcolor="white"),
+                        line=dict(width=0 if first.environment_id == first_environment else 3, color="black")),
             customdata=[results[i].id for i in indices],
-            hovertemplate=f"%{{x}}<br>%{{y:.3g}} {unit}<extra>%{{fullData.name}}</extra>",
+            showlegend=True,
+            hovertext=[failed_hover(results[i]) if not results[i].ok else f"{p[0]:.3g} {unit}"
+                       for i, p in zip(indices, points)],
+            hovertemplate=f"%{{x}} · {name}<br>%{{hovertext}}<extra></extra>",
         )
-    add_failed_placeholders(fig, results, labels, legend=False)
-    return _per_run_layout(fig, title, unit, labels, stacked=False)
+    return _per_run_layout(fig, title, unit, results, list(dict.fromkeys(groups)), stacked=False)
 
 
 def measured_steps(results: list[Result]) -> str:
@@ -213,7 +255,7 @@ def measured_steps(results: list[Result]) -> str:
 
 def _spread_caption(results: list[Result], what: str) -> str:
     steps = measured_steps(results)
-    return f"{what}. Error bars: 10th–90th percentile of {steps} measured steps" if steps else what
+    return f"{what}<br>Error bars: 10th–90th percentile of {steps} measured steps" if steps else what
 
 
 # --------------------------------------------------------------------------- the three charts
@@ -251,7 +293,7 @@ def build_peak_memory(results: list[Result]) -> go.Figure:
     if above:
         top = max([tallest] + [gib for gib, label in lines if (gib, label) not in above])
         fig.update_yaxes(range=[0, top * 1.25])
-    describe(fig, "Peak allocated memory of one training step (lower is better); dashed: the memory limit")
+    describe(fig, "Peak allocated memory of one training step (lower is better)<br>Dashed: the memory limit")
     for gib, label in above:
         describe(fig, above_chart(label.rsplit(" ", 2)[0], gib))
     return fig
@@ -280,7 +322,7 @@ def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str
             hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}} {unit}<extra></extra>",
         )
     add_failed_placeholders(fig, results, labels, legend=False)
-    return _per_run_layout(fig, title, unit, labels, stacked=True)
+    return _per_run_layout(fig, title, unit, results, labels, stacked=True)
 
 
 def build_phase_breakdown(results: list[Result]) -> go.Figure:

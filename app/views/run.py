@@ -102,15 +102,16 @@ def key_numbers(result: Result, unit: str) -> None:
         st.warning("\n".join(f"- {ui.plain(warning)}" for warning in result.warnings))
 
 
-def stored_for(configs: list[BenchConfig]) -> list[Result]:
-    """The newest stored run of each of ``configs`` (these settings exactly), in their order:
-    the page never shows an unrelated run as if it were these settings' result."""
+def stored_for(configs: list[BenchConfig], stored: list[Result]) -> list[Result]:
+    """The newest of the ``stored`` runs (newest first) of each of ``configs`` (these settings
+    exactly), in their order: the page never shows an unrelated run as if it were these
+    settings' result."""
     def key(config: BenchConfig) -> str:
         return json.dumps(config.to_dict(), sort_keys=True)
 
     wanted = {key(c) for c in configs}
     newest: dict[str, Result] = {}
-    for result in storage.get_store().list():  # newest first
+    for result in stored:
         if (k := key(result.config)) in wanted:
             newest.setdefault(k, result)
     return [newest[key(c)] for c in configs if key(c) in newest]
@@ -138,11 +139,12 @@ QUESTION = ("What do batch size, gradient accumulation, mixed precision and acti
             "save on your model, on this machine? Tradeoff Lab measures real training steps and shows you.")
 
 
-def first_minute() -> None:
-    """The one-sentence answer of what the tool is for; with nothing stored yet, the three
-    steps and the demo data (real runs, for a machine without a GPU)."""
+def first_minute(stored: list[Result] | None) -> None:
+    """The one-sentence answer of what the tool is for; with nothing stored yet (``stored``:
+    the stored runs, None when the database is unusable), the three steps and the demo data
+    (real runs, for a machine without a GPU)."""
     st.markdown(QUESTION)
-    if storage.get_store().count():
+    if stored is None or stored:
         return
     steps, demo = st.columns([3, 1])
     steps.markdown("1. **Pick a configuration** in the sidebar: model, batch, accumulation, precision, checkpointing\n"
@@ -158,14 +160,16 @@ def first_minute() -> None:
 
 # ---------------------------------------------------------------- settings and link
 st.title("Run")
+stored = None  # stays None when the database is unusable: said once, and the form still works
 with storage.database_errors_shown():
-    first_minute()
+    stored = storage.get_store().list()
+first_minute(stored)
 sweep_from_link()
 config = form.config_form()
 if config and form.from_shared_link(config):
     st.info("Settings from a shared link. Below: the stored results of exactly these settings, or \"not run yet\".")
 if config:
-    expectation = expect.expect(config, storage.get_store().list(), devices.this_host_id())
+    expectation = expect.expect(config, stored or [], devices.this_host_id())
     st.caption(ui.plain(expectation.words()))
     for warning in expectation.warnings():
         st.warning(ui.plain(warning))
@@ -207,7 +211,7 @@ if mode == "Single run" and config:
 
 # ---------------------------------------------------------------- results of these settings
 fresh = bool(state and state.results)
-latest = list(state.results) if fresh else stored_for(configs)
+latest = list(state.results) if fresh else stored_for(configs, stored or [])
 if latest:
     shown_results(latest, fresh)
 else:
