@@ -66,9 +66,10 @@ def plain(text) -> str:
     return escaped.replace("\\.", _WORD_JOINER + "\\.") if _AUTOLINK.search(text) else escaped
 
 
-def show_chart(fig: go.Figure, key: str) -> None:
-    """Draw a figure, its fonts enlarged when presenting (at a height that fits a projector)."""
-    shown = presentation_layout(fig, height=PRESENTATION_CHART_HEIGHT) if presenting() else fig
+def show_chart(fig: go.Figure, key: str, large: bool = False) -> None:
+    """Draw a figure, its fonts enlarged when presenting (at a height that fits a projector)
+    or when ``large`` (a talk's slide)."""
+    shown = presentation_layout(fig, height=PRESENTATION_CHART_HEIGHT) if presenting() or large else fig
     st.plotly_chart(shown, key=key, config={"displaylogo": False})
 
 

@@ -43,7 +43,7 @@ if number == 1:
     report = state.value if live else talk.demo_pitfall()
     st.caption("Measured live on this machine." if live else
                "Demo data: recorded on a CPU with this tool (app/demo/). Press the button to measure here.")
-    ui.show_chart(talk.pitfall_chart(report), key="talk.chart.1")
+    ui.show_chart(talk.pitfall_chart(report), key="talk.chart.1", large=True)
     st.success(ui.plain(talk.pitfall_takeaway(report)))
 else:
     chapter = talk.CHAPTERS[number - 2]
@@ -62,5 +62,5 @@ else:
     else:
         origins = sorted({r.origin_words for r in shown})
         st.caption(f"From {len(shown)} run(s): {', '.join(origins)}; {ui.plain(shown[0].env.label)}.")
-        ui.show_chart(chapter.chart(shown), key=f"talk.chart.{number}")
+        ui.show_chart(chapter.chart(shown), key=f"talk.chart.{number}", large=True)
         st.success(ui.plain(chapter.takeaway(shown)))
