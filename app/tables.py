@@ -114,6 +114,8 @@ def diff_runs(a: Result, b: Result) -> tuple[pd.DataFrame, pd.DataFrame]:
         if not numeric or (va is None and vb is None):
             continue
         change = vb / va - 1 if va and vb is not None else None
+        if key.endswith("_bytes") or "_bytes." in key:  # GiB in the UI, never a raw byte count
+            key, va, vb = key.replace("_bytes", " (GiB)"), *(None if v is None else v / GIB for v in (va, vb))
         rows.append({"metric": key, "A": va, "B": vb, "change %": None if change is None else 100 * change})
     return (pd.DataFrame(changes, columns=["setting", "A", "B"]),
             pd.DataFrame(rows, columns=["metric", "A", "B", "change %"]))

@@ -23,6 +23,13 @@ from . import devices, presets
 
 GIB = 1024**3
 
+
+def gib_words(num_bytes: float) -> str:
+    """Bytes as GiB for people: three significant digits, never an exponent ("23.5 GiB",
+    "0.125 GiB", "2,000 GiB")."""
+    gib = num_bytes / GIB
+    return f"{gib:,.0f} GiB" if gib >= 1000 else f"{gib:.3g} GiB"
+
 Precision = Literal["fp32", "fp16", "bf16"]
 CkptPolicy = Literal["none", "full", "every-k", "selective"]
 Optimizer = Literal["adamw", "sgd"]

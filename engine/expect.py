@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import presets
-from .config import GIB, BenchConfig, device_memory_limit
+from .config import BenchConfig, device_memory_limit, gib_words
 from .devices import resolve_device
 from .frontier import measured_here
 from .predict import analytic_estimate, curve_key, model_param_count
@@ -43,7 +43,7 @@ class Expectation:
         notes = []
         if self.fits is False:
             notes.append(f"This will most likely not fit: the analytic peak is {self.peak_words} "
-                         f"{self.peak_bytes / GIB:.3g} GiB, above the {self.limit_bytes / GIB:.3g} GiB it may use here.")
+                         f"{gib_words(self.peak_bytes)}, above the {gib_words(self.limit_bytes)} it may use here.")
         if self.seconds is not None and self.seconds > LONG_RUN_S:
             notes.append(f"This will take about {_duration(self.seconds)} on this machine ({self.duration_basis}).")
         return notes
@@ -53,8 +53,8 @@ class Expectation:
         if self.peak_bytes is None:
             peak = "peak memory unknown (the model has no analytic estimate)"
         else:
-            limit = f" of {self.limit_bytes / GIB:.3g} GiB" if self.limit_bytes else ""
-            peak = f"peak {self.peak_words} {self.peak_bytes / GIB:.3g} GiB{limit} (analytic estimate)"
+            limit = f" of {gib_words(self.limit_bytes)}" if self.limit_bytes else ""
+            peak = f"peak {self.peak_words} {gib_words(self.peak_bytes)}{limit} (analytic estimate)"
         duration = (f"about {_duration(self.seconds)} ({self.duration_basis})" if self.seconds is not None
                     else f"duration unknown: {self.duration_basis}")
         return f"Expected: {peak} · {duration}"

@@ -133,8 +133,8 @@ def test_finder_chart_names_a_capacity_far_above_the_trials():
     report = finder_report()
     report["capacity_bytes"], report["budget_bytes"] = 2000 * GIB, 1900 * GIB
     fig = charts.build_finder_trials(report).to_dict()
-    assert hlines(fig) == [] and fig["layout"]["title"]["subtitle"]["text"].startswith(
-        "device capacity 2e+03 GiB, above the top of the chart")
+    assert hlines(fig) == [] and fig["layout"]["title"]["subtitle"]["text"].endswith(
+        "<br>device capacity 2,000 GiB, above the top of the chart; memory budget 1,900 GiB")
 
 
 def test_text_from_runs_reaches_decision_figures_escaped():

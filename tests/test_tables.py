@@ -15,3 +15,11 @@ def test_failed_runs_have_empty_numbers_not_none_strings():
     frame = tables.runs_frame([make_result(batch=2), make_result("oom", batch=64)])
     assert frame["samples/s"].isna().tolist() == [False, True]
     assert frame["samples/s"].dtype == "float64"
+
+
+def test_a_diff_shows_memory_in_gib_never_raw_bytes():
+    a, b = make_result(batch=2), make_result(batch=4)
+    _, metrics = tables.diff_runs(a, b)
+    rows = dict(zip(metrics["metric"], metrics["A"]))
+    assert "peak_allocated (GiB)" in rows and not any(name.endswith("_bytes") for name in rows)
+    assert rows["peak_allocated (GiB)"] == a.metrics.peak_allocated_bytes / 2**30

@@ -6,7 +6,7 @@ import html
 
 import plotly.graph_objects as go
 
-from engine.config import GIB
+from engine.config import GIB, gib_words
 from engine.results import Result
 
 CHART_HEIGHT = 440
@@ -101,7 +101,7 @@ def describe(fig: go.Figure, text: str) -> go.Figure:
 
 def above_chart(label: str, gib: float) -> str:
     """A limit line too far above the data to draw, in words."""
-    return f"{label} {gib:.3g} GiB, above the top of the chart"
+    return f"{label} {gib_words(gib * GIB)}, above the top of the chart"
 
 
 def chart_text(text) -> str:

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from engine import frontier
-from engine.config import GIB, BenchConfig
+from engine.config import GIB, BenchConfig, gib_words
 from engine.results import Result
 
 from .common import (ANALYTIC_COLOR, BUDGET_COLOR, CAPACITY_COLOR, CHART_HEIGHT, FAILED_COLOR, FAILED_NAME, FIT_COLOR,
@@ -54,15 +54,13 @@ def build_finder_trials(report: dict) -> go.Figure:
             y=[(t["peak_allocated_bytes"] if t["peak_allocated_bytes"] is not None else unknown_peak) / scale for t in chosen],
             mode="markers+text", marker=dict(color=color, symbol=symbol, size=12),
             text=[t["status"].upper() if t["status"] != "ok" else "" for t in chosen], textposition="top center",
-            hovertemplate=f"batch %{{x}}<br>%{{y:.4g}} {unit}<extra>{name}</extra>",
+            hovertemplate=f"batch %{{x}}<br>%{{y:.3g}} {unit}<extra>{name}</extra>",
         )
     rated = sorted((t for t in trials if t["samples_per_s"] is not None), key=lambda t: t["batch"])
     fig.add_scatter(name="samples/s", x=[t["batch"] for t in rated], y=[t["samples_per_s"] for t in rated],
                     mode="lines+markers", line=dict(color=FIT_COLOR, dash="dot"), secondary_y=True,
-                    hovertemplate="batch %{x}<br>%{y:.4g} samples/s<extra></extra>")
-    if off_scale:
-        describe(fig, above_chart("device capacity", capacity / GIB) + f"; memory budget {budget / GIB:.3g} GiB")
-    else:
+                    hovertemplate="batch %{x}<br>%{y:.3g} samples/s<extra></extra>")
+    if not off_scale:
         for value, label, color in ((capacity, "capacity", CAPACITY_COLOR),
                                     (budget, f"budget ({1 - report['margin']:.0%})", BUDGET_COLOR)):
             if value:
@@ -71,7 +69,11 @@ def build_finder_trials(report: dict) -> go.Figure:
     fig.update_xaxes(type="log", title_text="micro-batch", tickvals=batches, ticktext=[str(b) for b in batches])
     fig.update_yaxes(title_text=f"peak allocated ({unit})", secondary_y=False)
     fig.update_yaxes(title_text="samples/s", secondary_y=True, rangemode="tozero")
-    return layout(fig, FINDER_TITLE, legend="below", right=50)
+    layout(fig, FINDER_TITLE, legend="below", right=50)
+    describe(fig, "Every trial of the search: its peak memory (left axis) and samples/s (dotted, right axis)")
+    if off_scale:
+        describe(fig, above_chart("device capacity", capacity / GIB) + f"; memory budget {gib_words(budget)}")
+    return fig
 
 
 def build_memory_prediction(report: dict) -> go.Figure:
@@ -85,16 +87,16 @@ def build_memory_prediction(report: dict) -> go.Figure:
     fig = go.Figure()
     fig.add_scatter(name="measured", x=[b for b, _ in report["points"]], y=[p / scale for _, p in report["points"]],
                     mode="markers", marker=dict(size=12, color="black"),
-                    hovertemplate=f"batch %{{x}}<br>%{{y:.4g}} {unit}<extra>measured</extra>")
+                    hovertemplate=f"batch %{{x}}<br>%{{y:.3g}} {unit}<extra>measured</extra>")
     if fitted:
         fig.add_scatter(name="fitted: fixed + slope × batch", x=[b for b, _ in fitted], y=[p / scale for _, p in fitted],
                         mode="lines", line=dict(color=FIT_COLOR),
-                        hovertemplate=f"batch %{{x}}<br>%{{y:.4g}} {unit}<extra>fitted</extra>")
+                        hovertemplate=f"batch %{{x}}<br>%{{y:.3g}} {unit}<extra>fitted</extra>")
     if any(p is not None for _, p in curve):
         fig.add_scatter(name="analytic", x=[b for b, p in curve if p is not None],
                         y=[p / scale for _, p in curve if p is not None], mode="lines",
                         line=dict(color=ANALYTIC_COLOR, dash="dash"),
-                        hovertemplate=f"batch %{{x}}<br>%{{y:.4g}} {unit}<extra>analytic</extra>")
+                        hovertemplate=f"batch %{{x}}<br>%{{y:.3g}} {unit}<extra>analytic</extra>")
     top = max(values, default=0)
     off_scale = []
     for row in report["capacities"]:
@@ -129,12 +131,12 @@ def build_frontier(runs: list[Result], front: list[Result], answer: dict | None 
                         y=[r.metrics.samples_per_s for r, _ in mine], mode="markers",
                         marker=dict(size=9, color=precision_color(precision)), text=[_words(r.config) for r, _ in mine],
                         customdata=[r.id for r, _ in mine],
-                        hovertemplate=f"%{{text}}<br>%{{y:.4g}} samples/s at %{{x:.4g}} {unit}<extra></extra>")
+                        hovertemplate=f"%{{text}}<br>%{{y:.3g}} samples/s at %{{x:.3g}} {unit}<extra></extra>")
     fig.add_scatter(name="Pareto frontier", x=[r.metrics.peak_allocated_bytes / scale for r in front],
                     y=[r.metrics.samples_per_s for r in front], mode="lines+markers",
                     line=dict(color=FIT_COLOR, shape="hv"), marker=dict(size=11, color=FIT_COLOR),
                     text=[_words(r.config) for r in front],
-                    hovertemplate=f"%{{text}}<br>%{{y:.4g}} samples/s at %{{x:.4g}} {unit}<extra>frontier</extra>")
+                    hovertemplate=f"%{{text}}<br>%{{y:.3g}} samples/s at %{{x:.3g}} {unit}<extra>frontier</extra>")
     if failed:
         x = (capacity or max(peaks, default=0)) / scale
         fig.add_scatter(name=FAILED_NAME, x=[x] * len(failed), y=[0] * len(failed), mode="markers+text",
@@ -163,7 +165,7 @@ def build_frontier(runs: list[Result], front: list[Result], answer: dict | None 
     describe(fig, "Each dot is a measured run, coloured by precision; the line joins the runs nothing beats "
                   "on both speed and memory")
     if capacity_off:
-        describe(fig, f"capacity {capacity / GIB:.3g} GiB, to the right of the chart")
+        describe(fig, f"capacity {gib_words(capacity)}, to the right of the chart")
     return fig
 
 
@@ -181,7 +183,7 @@ def build_memory_timeline(records: list[dict]) -> go.Figure:
     for record, label in zip(records, labels):
         fig.add_scatter(name=label, x=record["t_ms"], y=[v / scale for v in record["bytes"]], mode="lines",
                         line=dict(shape="hv"), row=1, col=1,
-                        hovertemplate=f"%{{x:.2f}} ms<br>%{{y:.4g}} {unit}<extra>{label}</extra>")
+                        hovertemplate=f"%{{x:.2f}} ms<br>%{{y:.3g}} {unit}<extra>{label}</extra>")
     shown = set()
     for record, label in zip(records, labels):
         for band in record["phases"]:
@@ -198,7 +200,8 @@ def build_memory_timeline(records: list[dict]) -> go.Figure:
     # On CUDA the samples are host time (allocation order), not GPU time: the record says so.
     fig.update_xaxes(title_text=records[0].get("time_axis", "ms since the step started"), row=2, col=1)
     # Taller than the other charts: the phase strips take room from the plot.
-    return layout(fig, TIMELINE_TITLE, legend="below", barmode="overlay", height=CHART_HEIGHT + 80)
+    layout(fig, TIMELINE_TITLE, legend="below", barmode="overlay", height=CHART_HEIGHT + 80)
+    return describe(fig, "Allocated memory over one optimizer step; the strips below show its phases")
 
 
 def build_pitfall(report: dict) -> go.Figure:
@@ -210,7 +213,8 @@ def build_pitfall(report: dict) -> go.Figure:
         points = [(s["median"], s["p10"], s["p90"]) for s in (report[method][k] for k, _ in keys)]
         fig.add_bar(name=name, x=[label for _, label in keys], y=[p[0] for p in points], marker_color=color,
                     error_y=error_bars(points), hovertemplate="%{x}<br>%{y:.3g} ms<extra>" + name + "</extra>")
-    return layout(fig, PITFALL_TITLE, y_title="ms per optimizer step", legend="below", barmode="group")
+    layout(fig, PITFALL_TITLE, y_title="ms per optimizer step", legend="below", barmode="group")
+    return describe(fig, "The same steps timed both ways: medians, error bars 10th–90th percentile")
 
 
 def build_numerical_cost(rows: list[dict], results: list[Result]) -> go.Figure:

@@ -13,7 +13,7 @@ from typing import Callable
 import plotly.graph_objects as go
 
 from engine import presets
-from engine.config import FIELD_NAMES, GIB
+from engine.config import FIELD_NAMES, GIB, gib_words
 from engine.results import BREAKDOWN_KEYS, Result
 
 from .common import (OFF_SCALE_FACTOR, above_chart, add_failed_placeholders, chart_text, ckpt_pattern, describe,
@@ -275,7 +275,7 @@ def capacity_lines(results: list[Result]) -> list[tuple[float, str]]:
     for result in results:
         limit, cap = result.memory_limit_bytes, result.config.memory_cap_gib
         if limit and math.isfinite(limit):
-            label = f"memory cap {cap:.3g} GiB" if cap is not None else f"{result.env.label} capacity {limit / GIB:.3g} GiB"
+            label = f"memory cap {gib_words(cap * GIB)}" if cap is not None else f"{result.env.label} capacity {gib_words(limit)}"
             lines.setdefault(round(limit), chart_text(label))
     return sorted((nbytes / GIB, label) for nbytes, label in lines.items())
 
@@ -319,7 +319,7 @@ def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str
             x=[labels[i] for i in ok],
             y=[value(results[i]) for i in ok],
             showlegend=True,
-            hovertemplate=f"%{{x}}<br>{name}: %{{y:.4g}} {unit}<extra></extra>",
+            hovertemplate=f"%{{x}}<br>{name}: %{{y:.3g}} {unit}<extra></extra>",
         )
     add_failed_placeholders(fig, results, labels, legend=False)
     return _per_run_layout(fig, title, unit, results, labels, stacked=True)
@@ -328,7 +328,8 @@ def _stacked(results: list[Result], title: str, unit: str, parts: list[tuple[str
 def build_phase_breakdown(results: list[Result]) -> go.Figure:
     """Forward / backward / optimizer medians per run, stacked, in ms per optimizer step."""
     parts = [(name, lambda r, key=key: r.metrics.phase(key).median) for key, name in PHASES]
-    return _stacked(results, PHASE_TITLE, "ms", parts)
+    return describe(_stacked(results, PHASE_TITLE, "ms", parts),
+                    "Median time of each phase per optimizer step, stacked")
 
 
 def build_memory_breakdown(results: list[Result]) -> go.Figure:
@@ -340,7 +341,8 @@ def build_memory_breakdown(results: list[Result]) -> go.Figure:
             return None if breakdown is None else getattr(breakdown, key) / GIB
         return value
 
-    return _stacked(results, MEMORY_BREAKDOWN_TITLE, "GiB", [(key, part(key)) for key in BREAKDOWN_KEYS])
+    return describe(_stacked(results, MEMORY_BREAKDOWN_TITLE, "GiB", [(key, part(key)) for key in BREAKDOWN_KEYS]),
+                    "What was alive at the peak, measured in one extra step")
 
 
 # --------------------------------------------------------------------------- sweep lines
@@ -398,11 +400,12 @@ def build_sweep_lines(results: list[Result], field: str, metric: str = "throughp
             y=[p[0] for _, p in ok],
             error_y=error_bars([p for _, p in ok]),
             mode="lines+markers",
-            hovertemplate=f"{chart_text(field)}=%{{x}}<br>%{{y:.4g}} {unit}<extra>%{{fullData.name}}</extra>",
+            hovertemplate=f"{chart_text(field)}=%{{x}}<br>%{{y:.3g}} {unit}<extra>%{{fullData.name}}</extra>",
         )
     add_failed_placeholders(fig, results, xs)
     layout(fig, f"{title} vs {chart_text(field)}", x_title=chart_text(field), y_title=unit,
            yaxis_rangemode="nonnegative")
+    describe(fig, "One line per combination of the other settings; error bars: 10th–90th percentile of the steps")
     if numeric:
         ticks = sorted(set(xs))
         fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
