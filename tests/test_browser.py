@@ -22,7 +22,7 @@ from app.charts import runs as run_charts
 from engine.store import Store
 
 try:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 except ImportError:  # reported by the test itself: skip, or fail where the browser is required
     sync_playwright = None
 from tests.app_fixtures import ROOT, make_result
@@ -218,8 +218,9 @@ def test_a_link_with_dimensions_warmup_and_a_sweep_restores_them_and_the_runs_ca
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
             page.goto(f"{url}/?{urllib.parse.urlencode(link)}")
             page.get_by_text("Settings from a shared link").wait_for(timeout=START_TIMEOUT_S * 1000)
-            assert page.get_by_label("Warm-up steps (not measured)", exact=True).input_value() == "1"
-            assert page.get_by_label("batch values", exact=True).input_value() == "1,2"
+            # The form draws its inputs, then their values: waited for, not read mid-draw.
+            expect(page.get_by_label("Warm-up steps (not measured)", exact=True)).to_have_value("1")
+            expect(page.get_by_label("batch values", exact=True)).to_have_value("1,2")
             assert page.get_by_text("Not run yet: no stored run").is_visible()
             page.get_by_role("button", name="Run benchmark").click()
             page.get_by_text("Finished 2 of 2 run(s)").wait_for(timeout=RUN_TIMEOUT_S * 1000)
