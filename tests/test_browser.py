@@ -6,6 +6,7 @@ Drives Debian's chromium headless through Playwright for Python. Skipped where
 /usr/bin/chromium (or playwright) is missing, unless TRADEOFF_LAB_REQUIRE_BROWSER=1 (CI),
 where a missing browser is a failure.
 """
+import contextlib
 import os
 import signal
 import socket
@@ -190,8 +191,15 @@ def test_hostile_runs_and_links_make_no_request_to_another_host(browser_availabl
     assert not foreign, foreign
 
 
-def _browser(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+@contextlib.contextmanager
+def browser_page(width: int, height: int):
+    """A page of a fresh headless Chromium with a ``width`` × ``height`` viewport."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
 
 
 _PLOT_AREAS_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(p => {
@@ -212,23 +220,18 @@ def test_a_link_with_dimensions_warmup_and_a_sweep_restores_them_and_the_runs_ca
     url, db = server
     dims = {"seq_len": 32, "d_model": 64, "n_layers": 2, "n_heads": 2, "vocab": 256}
     link = {"model": "gpt-tiny", **dims, "warmup": 1, "steps": 3, "sweep": "batch", "sweep_batch": "1,2"}
-    with sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            page.goto(f"{url}/?{urllib.parse.urlencode(link)}")
-            page.get_by_text("Settings from a shared link").wait_for(timeout=START_TIMEOUT_S * 1000)
-            # The form draws its inputs, then their values: waited for, not read mid-draw.
-            expect(page.get_by_label("Warm-up steps (not measured)", exact=True)).to_have_value("1")
-            expect(page.get_by_label("batch values", exact=True)).to_have_value("1,2")
-            assert page.get_by_text("Not run yet: no stored run").is_visible()
-            page.get_by_role("button", name="Run benchmark").click()
-            page.get_by_text("Finished 2 of 2 run(s)").wait_for(timeout=RUN_TIMEOUT_S * 1000)
-            # The address bar still names every part of the link.
-            address = urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)
-            assert {key: address[key][0] for key in link} == {key: str(value) for key, value in link.items()}
-        finally:
-            browser.close()
+    with browser_page(1600, 1200) as page:
+        page.goto(f"{url}/?{urllib.parse.urlencode(link)}")
+        page.get_by_text("Settings from a shared link").wait_for(timeout=START_TIMEOUT_S * 1000)
+        # The form draws its inputs, then their values: waited for, not read mid-draw.
+        expect(page.get_by_label("Warm-up steps (not measured)", exact=True)).to_have_value("1")
+        expect(page.get_by_label("batch values", exact=True)).to_have_value("1,2")
+        assert page.get_by_text("Not run yet: no stored run").is_visible()
+        page.get_by_role("button", name="Run benchmark").click()
+        page.get_by_text("Finished 2 of 2 run(s)").wait_for(timeout=RUN_TIMEOUT_S * 1000)
+        # The address bar still names every part of the link.
+        address = urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)
+        assert {key: address[key][0] for key in link} == {key: str(value) for key, value in link.items()}
     runs = [r for r in Store(str(db)).list() if r.config.steps == 3]
     assert sorted(r.config.batch for r in runs) == [1, 2] and {r.status for r in runs} == {"ok"}
     assert all(r.config.overrides == dims and r.config.warmup == 1 for r in runs)
@@ -237,22 +240,17 @@ def test_a_link_with_dimensions_warmup_and_a_sweep_restores_them_and_the_runs_ca
 
 def test_presentation_mode_keeps_the_three_main_charts_on_a_1280x720_projector(browser_available, demo_server):
     url, _ = demo_server
-    with sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 720})
-            page.goto(f"{url}/compare?present=1")
-            areas = _main_charts(page)
-            assert [a["title"] for a in areas] == list(MAIN_TITLES)
-            for area in areas:  # plot areas fully visible without scrolling
-                assert area["top"] >= 0 and area["bottom"] <= 720 and area["right"] <= 1280, area
-            screenshot(page, "compare-present")
-            page.reload()  # the mode lives in the URL
-            assert "present=1" in page.url
-            areas = _main_charts(page)
-            assert all(a["bottom"] <= 720 for a in areas)
-        finally:
-            browser.close()
+    with browser_page(1280, 720) as page:
+        page.goto(f"{url}/compare?present=1")
+        areas = _main_charts(page)
+        assert [a["title"] for a in areas] == list(MAIN_TITLES)
+        for area in areas:  # plot areas fully visible without scrolling
+            assert area["top"] >= 0 and area["bottom"] <= 720 and area["right"] <= 1280, area
+        screenshot(page, "compare-present")
+        page.reload()  # the mode lives in the URL
+        assert "present=1" in page.url
+        areas = _main_charts(page)
+        assert all(a["bottom"] <= 720 for a in areas)
 
 
 def test_at_800_pixels_every_run_label_is_there_and_the_charts_stack(browser_available, demo_server):
@@ -260,36 +258,26 @@ def test_at_800_pixels_every_run_label_is_there_and_the_charts_stack(browser_ava
     store = Store(str(db))
     latest = store.list(sweep_id=store.list()[0].sweep_id)
     expected = list(dict.fromkeys(run_charts.group_labels(sorted(latest, key=lambda r: r.created_at))))
-    with sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 800, "height": 1000})
-            page.goto(f"{url}/compare")
-            areas = _main_charts(page)
-            for area in areas:
-                assert area["ticks"] == expected, area
-            # One chart per row: each starts below the one before.
-            assert areas[0]["bottom"] < areas[1]["top"] and areas[1]["bottom"] < areas[2]["top"]
-            screenshot(page, "compare-800px")
-        finally:
-            browser.close()
+    with browser_page(800, 1000) as page:
+        page.goto(f"{url}/compare")
+        areas = _main_charts(page)
+        for area in areas:
+            assert area["ticks"] == expected, area
+        # One chart per row: each starts below the one before.
+        assert areas[0]["bottom"] < areas[1]["top"] and areas[1]["bottom"] < areas[2]["top"]
+        screenshot(page, "compare-800px")
 
 
 def test_the_talk_walks_through_five_chapters_on_demo_data(browser_available, demo_server):
     url, _ = demo_server
-    with sync_playwright() as playwright:
-        browser = _browser(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{url}/talk")
-            for number in range(1, 6):
-                page.get_by_text(f"Chapter {number} of 5").wait_for(timeout=START_TIMEOUT_S * 1000)
-                page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-                assert page.locator('[data-testid="stException"]').count() == 0
-                assert f"chapter={number}" in page.url
-                if number == 2:
-                    screenshot(page, "talk")
-                if number < 5:
-                    page.get_by_role("button", name="Next →").click()
-        finally:
-            browser.close()
+    with browser_page(1600, 1000) as page:
+        page.goto(f"{url}/talk")
+        for number in range(1, 6):
+            page.get_by_text(f"Chapter {number} of 5").wait_for(timeout=START_TIMEOUT_S * 1000)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert f"chapter={number}" in page.url
+            if number == 2:
+                screenshot(page, "talk")
+            if number < 5:
+                page.get_by_role("button", name="Next →").click()
