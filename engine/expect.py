@@ -12,6 +12,7 @@ from .config import BenchConfig, device_memory_limit, gib_words
 from .devices import resolve_device
 from .frontier import measured_here
 from .predict import analytic_estimate, curve_key, model_param_count
+from .progress import duration_words
 from .results import Result
 
 # Besides warm-up and timed steps a run makes one step each for the memory breakdown, the FLOP
@@ -45,7 +46,7 @@ class Expectation:
             notes.append(f"This will most likely not fit: the analytic peak is {self.peak_words} "
                          f"{gib_words(self.peak_bytes)}, above the {gib_words(self.limit_bytes)} it may use here.")
         if self.seconds is not None and self.seconds > LONG_RUN_S:
-            notes.append(f"This will take about {_duration(self.seconds)} on this machine ({self.duration_basis}).")
+            notes.append(f"This will take about {duration_words(self.seconds)} on this machine ({self.duration_basis}).")
         return notes
 
     def words(self) -> str:
@@ -55,13 +56,9 @@ class Expectation:
         else:
             limit = f" of {gib_words(self.limit_bytes)}" if self.limit_bytes else ""
             peak = f"peak {self.peak_words} {gib_words(self.peak_bytes)}{limit} (analytic estimate)"
-        duration = (f"about {_duration(self.seconds)} ({self.duration_basis})" if self.seconds is not None
+        duration = (f"about {duration_words(self.seconds)} ({self.duration_basis})" if self.seconds is not None
                     else f"duration unknown: {self.duration_basis}")
         return f"Expected: {peak} · {duration}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def analytic_flops_per_step(config: BenchConfig) -> float | None:

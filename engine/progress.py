@@ -77,14 +77,15 @@ class Progress:
 def timing_words(elapsed_s: float, fraction: float) -> str:
     """Elapsed time and, once there is something to extrapolate from, the time left, e.g.
     "12 s elapsed · about 18 s left" (an estimate from the share done so far)."""
-    words = f"{_seconds(elapsed_s)} elapsed"
+    words = f"{duration_words(elapsed_s)} elapsed"
     if 0.05 <= fraction < 1:
-        words += f" · about {_seconds(elapsed_s * (1 - fraction) / fraction)} left"
+        words += f" · about {duration_words(elapsed_s * (1 - fraction) / fraction)} left"
     return words
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value < 90 else f"{value / 60:.0f} min"
+def duration_words(seconds: float) -> str:
+    """A duration for people: "42 s", "12 min", "1.5 h"."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 ProgressFn = Callable[[Progress], None]

@@ -15,3 +15,8 @@ def test_time_left_is_extrapolated_from_the_share_done():
 def test_no_estimate_before_there_is_something_to_extrapolate_from():
     assert timing_words(1, 0.01) == "1 s elapsed"
     assert timing_words(5, 1.0) == "5 s elapsed"
+
+
+def test_durations_read_in_the_unit_that_suits_them():
+    from engine.progress import duration_words
+    assert [duration_words(s) for s in (42, 720, 5400)] == ["42 s", "12 min", "1.5 h"]
