@@ -32,7 +32,9 @@ def describe_sweep(option: str) -> str:
     members = sweeps[option]
     first = members[-1]
     varied = ", ".join(run_charts.varying_fields(members)) or "one setting"
-    return (f"{first.config.model_label}: sweep over {varied} · {len(members)} runs · {first.env.label} · "
+    # A sweep over a model dimension has no one model label: the preset names it.
+    model = run_charts.shared_model(members) or first.config.model
+    return (f"{model}: sweep over {varied} · {len(members)} runs · {first.env.label} · "
             f"{first.origin_words} · {first.created_at[:16].replace('T', ' ')}")
 
 
