@@ -221,13 +221,13 @@ def format_table(results: list[Result]) -> str:
         c, m = r.config, r.metrics
         error = r.error or ""
         rows.append((
-            r.id[:8], r.status, c.model, _dims(c), c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
+            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt, _dims(c),
             _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "dims", "batch", "accum", "eff", "precision", "ckpt", "step ms", "spread", "fwd ms",
-                  "bwd ms", "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "dims", "step ms", "spread",
+                  "fwd ms", "bwd ms", "samples/s", "peak alloc", "error"), rows)
 
 
 def one_line(text: str) -> str:
