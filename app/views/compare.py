@@ -92,7 +92,7 @@ swept = run_charts.sweep_fields(selected)
 if swept:
     st.subheader("Sweep")
     field_column, metric_column = st.columns(2)
-    field = field_column.selectbox("Against", swept, key="compare.sweep_field")
+    field = field_column.selectbox("Against", swept, key="compare.sweep_field", format_func=run_charts.field_words)
     metric = metric_column.selectbox("Metric", list(run_charts.SWEEP_METRICS), key="compare.sweep_metric",
                                      format_func=lambda m: run_charts.SWEEP_METRICS[m][0])
     ui.show_chart(run_charts.build_sweep_lines(selected, field, metric), key="compare.sweep")
