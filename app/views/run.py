@@ -63,13 +63,10 @@ def axis_words(axis: str) -> str:
     return axis if dimension is None else f"{dimension} (model dimension)"
 
 
-def dimension_values(config: BenchConfig, key: str, text: str) -> list[int]:
-    """'128, 256' -> [128, 256] for model dimension ``key``; raises ConfigError naming it."""
-    try:
-        return parse_override_values(key, ",".join(part for part in text.split(",") if part.strip()))
-    except ConfigError:
-        raise ConfigError(f"overrides.{key}", text, f"comma-separated integers >= 1, e.g. "
-                                                    f"{dimension_start(config, key)}") from None
+def dimension_values(key: str, text: str) -> list[int]:
+    """'128, 256' -> [128, 256] for model dimension ``key``, blank parts skipped as for a
+    field's list; a bad value raises ConfigError naming the key and that value."""
+    return parse_override_values(key, ",".join(part for part in text.split(",") if part.strip()))
 
 
 def dimension_start(config: BenchConfig, key: str) -> str:
@@ -95,8 +92,7 @@ def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str], d
         if dimension is not None:
             st.session_state.setdefault(key, dimension_start(config, dimension))
             with column:
-                grid[name] = dimension_values(config, dimension, st.text_input(f"{dimension} values", key=key,
-                                                                               **PERSIST))
+                grid[name] = dimension_values(dimension, st.text_input(f"{dimension} values", key=key, **PERSIST))
             continue
         field = FIELDS_BY_NAME[name]
         st.session_state.setdefault(key, sweep_values(field) if field.choices else field.spec.sweep)
