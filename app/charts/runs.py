@@ -56,9 +56,9 @@ def field_value(result: Result, field: str):
         return f"every-{config.k}"
     if field in FIELD_NAMES:
         return getattr(config, field)
-    if field in config.overrides or presets.is_user_model(config.model):
-        return config.overrides.get(field)
-    return presets.preset_dims(config.model, config.overrides)[1].get(field)
+    if field in config.overrides:
+        return config.overrides[field]
+    return presets.accepted_dimensions(config.model).get(field)  # None where the model has no such dimension
 
 
 def _field_text(result: Result, field: str) -> str:
