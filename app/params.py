@@ -15,47 +15,81 @@ from typing import Mapping
 
 from engine import limits, presets
 from engine.config import (FIELDS_BY_NAME, SCALAR_FIELDS, SWEEP_FIELDS, BenchConfig, ConfigError, ConfigField,
-                           parse_override)
+                           parse_override, parse_override_values)
+from engine.sweep import axis_dimension, dimension_axis
 
 # Presentation mode travels as present=1.
 PRESENT = "present"
 # A sweep travels as sweep=batch,precision plus sweep_batch=1,2,4 and sweep_precision=fp32,bf16
-# (and sweep_effective_batch=8 for a fixed effective batch).
+# (and sweep_effective_batch=8 for a fixed effective batch); a model dimension by its --set
+# key, as everywhere in a link: sweep=seq_len and sweep_seq_len=128,256,512.
 SWEEP = "sweep"
 SWEEP_EFFECTIVE = "sweep_effective_batch"
 
 
 def sweep_param(name: str) -> str:
-    """The query parameter holding the values of sweep axis ``name``."""
-    return f"{SWEEP}_{name}"
+    """The query parameter holding the values of sweep axis ``name`` (``sweep_batch``;
+    ``sweep_seq_len`` for the model dimension axis ``overrides.seq_len``)."""
+    return f"{SWEEP}_{link_name(name)}"
+
+
+def link_name(axis: str) -> str:
+    """How sweep axis ``axis`` is named in a link: a field by its name, a model dimension by its key."""
+    return axis_dimension(axis) or axis
 
 
 def sweep_to_query_params(grid: Mapping[str, list], effective_batch: int | None) -> dict[str, str]:
-    """The query parameters of a sweep definition: its axes, each axis's values, the fixed
-    effective batch."""
-    link = {SWEEP: ",".join(grid)} | {sweep_param(name): ",".join(FIELDS_BY_NAME[name].format(v) for v in values)
-                                      for name, values in grid.items()}
+    """The query parameters of a sweep definition (``sweep.expand``'s grid): its axes, each
+    axis's values, the fixed effective batch."""
+    def text(name: str, value) -> str:
+        return str(value) if axis_dimension(name) is not None else FIELDS_BY_NAME[name].format(value)
+
+    link = {SWEEP: ",".join(map(link_name, grid))} | {
+        sweep_param(name): ",".join(text(name, v) for v in values) for name, values in grid.items()}
     return link | ({SWEEP_EFFECTIVE: str(effective_batch)} if effective_batch else {})
 
 
-def parse_sweep_params(params: Mapping[str, str | list[str]]) -> tuple[dict[str, list] | None, int, list[str]]:
-    """The sweep definition in ``params``: (axis -> typed values, or None without a sweep;
-    the fixed effective batch, 0 for none; one warning per invalid part, which is left out)."""
+def sweep_axes(model: str) -> list[str]:
+    """The sweep axes offered for ``model``: the config fields declared as axes, then each
+    model dimension the model accepts (``overrides.seq_len``...)."""
+    return [*SWEEP_FIELDS, *map(dimension_axis, presets.accepted_dimensions(model))]
+
+
+def _parse_dimension_values(model: str, key: str, raw: str) -> list[int]:
+    """The values of a link's model dimension axis, each one the model takes."""
+    if not raw.strip():
+        return []
+    values = parse_override_values(key, raw)
+    for value in values:
+        BenchConfig(model=model, overrides={key: value})  # the engine's own validation and message
+    return values
+
+
+def parse_sweep_params(params: Mapping[str, str | list[str]],
+                       model: str = FIELDS_BY_NAME["model"].default) -> tuple[dict[str, list] | None, int, list[str]]:
+    """The sweep definition in ``params`` for ``model`` (whose dimensions may be axes):
+    (axis -> typed values, or None without a sweep; the fixed effective batch, 0 for none;
+    one warning per invalid part, which is left out)."""
     if SWEEP not in params:
         return None, 0, []
     grid, warnings = {}, []
+    dimensions = presets.accepted_dimensions(model)
     for name in filter(None, _last(params[SWEEP]).split(",")):
-        if name not in SWEEP_FIELDS:
-            warnings.append(f"Link parameter {SWEEP}: {name!r} ignored (allowed: {', '.join(SWEEP_FIELDS)}).")
+        if name not in SWEEP_FIELDS and name not in dimensions:
+            allowed = ", ".join(map(link_name, sweep_axes(model)))
+            warnings.append(f"Link parameter {SWEEP}: {name!r} ignored (allowed for {model}: {allowed}).")
             continue
-        field, raw = FIELDS_BY_NAME[name], _last(params.get(sweep_param(name), ""))
+        raw = _last(params.get(sweep_param(name), ""))
         try:
-            values = [_parse(field, part.strip(), {}) for part in raw.split(",") if part.strip()]
+            if name in SWEEP_FIELDS:
+                field = FIELDS_BY_NAME[name]
+                grid[name] = [_parse(field, part.strip(), {}) for part in raw.split(",") if part.strip()]
+            else:
+                grid[dimension_axis(name)] = _parse_dimension_values(model, name, raw)
         except (ConfigError, ValueError) as exc:
-            warnings.append(_ignored(sweep_param(name), raw, exc, field.spec.sweep))
-            continue
-        if values:
-            grid[name] = values
+            warnings.append(_ignored(sweep_param(name), raw, exc, FIELDS_BY_NAME[name].spec.sweep
+                                     if name in SWEEP_FIELDS else dimensions[name]))
+    grid = {name: values for name, values in grid.items() if values}
     effective = 0
     if SWEEP_EFFECTIVE in params:
         raw = _last(params[SWEEP_EFFECTIVE])

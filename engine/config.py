@@ -378,6 +378,13 @@ def parse_override(key: str, text: str) -> int:
     return int(text)
 
 
+def parse_override_values(key: str, text: str) -> list[int]:
+    """The values of one model dimension from a comma list (``--set seq_len=128,256`` of a
+    sweep, a sweep link's ``sweep_seq_len``), each by ``parse_override``: a bad one is named
+    with its key."""
+    return [parse_override(key, part) for part in text.split(",")]
+
+
 # --------------------------------------------------------------------------- this machine
 def selective_checkpoint_available() -> bool:
     """Whether the installed torch has selective activation checkpointing (torch >= 2.4)."""

@@ -37,6 +37,15 @@ def preset_dims(name: str, overrides: dict | None = None) -> tuple[str, dict[str
     return family, merged
 
 
+def accepted_dimensions(model: str) -> dict[str, int]:
+    """The model dimensions ``model`` accepts (its ``--set`` keys) with their values, in a
+    stable order; empty for a user's ``module:function`` or a name that is no preset. Forms,
+    links and sweep axes ask here, so a new kind of model offers its keys everywhere at once."""
+    if is_user_model(model) or model not in PRESETS:
+        return {}
+    return preset_dims(model)[1]
+
+
 def dimension_names() -> list[str]:
     """Every model dimension any preset has (the ``--set`` keys), in a stable order."""
     names: dict[str, None] = {}

@@ -13,7 +13,18 @@ from .progress import Progress, ProgressFn
 from .results import Result
 from .worker import run
 
+# A sweep axis is a config field's name or, for one model dimension, this prefix and its key.
 OVERRIDE_PREFIX = "overrides."
+
+
+def dimension_axis(key: str) -> str:
+    """The sweep axis (a ``grid`` key of ``expand``) of model dimension ``key``: ``overrides.seq_len``."""
+    return OVERRIDE_PREFIX + key
+
+
+def axis_dimension(name: str) -> str | None:
+    """The model dimension sweep axis ``name`` varies, None for a config field's axis."""
+    return name[len(OVERRIDE_PREFIX):] if name.startswith(OVERRIDE_PREFIX) else None
 
 
 def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None) -> tuple[list[BenchConfig], list[str]]:
@@ -27,8 +38,9 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
     config is built), or any invalid resulting config.
     """
     for name, values in grid.items():
-        field = name[len(OVERRIDE_PREFIX):] if name.startswith(OVERRIDE_PREFIX) else name
-        if not name.startswith(OVERRIDE_PREFIX) and field not in FIELD_NAMES:
+        dimension = axis_dimension(name)
+        field = name if dimension is None else dimension
+        if dimension is None and field not in FIELD_NAMES:
             raise ConfigError(name, values, f"a BenchConfig field: {', '.join(FIELD_NAMES)}")
         if not field or not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(name, values, "a non-empty list of values")
@@ -51,8 +63,8 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
         fields = dict(base)
         overrides = dict(fields.get("overrides") or {})
         for name, value in zip(names, combo):
-            if name.startswith(OVERRIDE_PREFIX):
-                overrides[name[len(OVERRIDE_PREFIX):]] = value
+            if (dimension := axis_dimension(name)) is not None:
+                overrides[dimension] = value
             else:
                 fields[name] = value
         if overrides:

@@ -32,6 +32,21 @@ def test_the_latest_sweep_with_an_oom_run_among_ok_runs(app_db):
     assert "Test CPU, 2 threads, torch 2\\.13\\.0 · measured here" in caption  # Markdown-escaped
 
 
+def test_a_seq_len_sweep_is_compared_against_seq_len_with_one_line_per_precision(app_db):
+    seq_lens = (32, 64, 128)
+    app_db.add_many([make_result(sweep_id="dims", batch=2, precision=p, overrides={"n_layers": 2, "seq_len": t})
+                     for p in ("fp32", "bf16") for t in seq_lens])
+    at = open_app("views/compare.py")
+    assert at.selectbox(key="compare.source").value == "dims"
+    assert "gpt-tiny: sweep over seq_len, precision · 6 runs" in at.selectbox(key="compare.source").options[0]
+    assert at.selectbox(key="compare.sweep_field").value == "seq_len"
+    lines = chart(at, "Throughput vs seq_len")
+    assert [(t["name"], list(t["x"])) for t in lines["data"]] == [("fp32", list(seq_lens)), ("bf16", list(seq_lens))]
+    assert lines["layout"]["xaxis"]["title"]["text"] == "seq_len (model dimension)"
+    bars = [t for t in chart(at, "Throughput")["data"] if t["type"] == "bar"]
+    assert [list(t["x"]) for t in bars] == [[f"seq_len {t}" for t in seq_lens]] * 2
+
+
 def test_runs_from_other_devices_are_flagged_and_diffed(app_db):
     laptop, h100 = make_result(batch=8), make_result(env=H100_ENV, batch=64, precision="bf16")
     app_db.add_many([laptop, h100])

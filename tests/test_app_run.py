@@ -281,6 +281,71 @@ def test_a_link_with_a_sweep_opens_it_and_says_it_came_from_a_link(app_db):
             for k in link} == link
 
 
+def test_a_sweep_definition_round_trips_through_its_link_model_dimensions_included():
+    grid = {"batch": [1, 2], "precision": ["fp32", "bf16"], "overrides.seq_len": [16, 32]}
+    link = params.sweep_to_query_params(grid, 4)
+    assert link == {"sweep": "batch,precision,seq_len", "sweep_batch": "1,2", "sweep_precision": "fp32,bf16",
+                    "sweep_seq_len": "16,32", "sweep_effective_batch": "4"}
+    assert params.parse_sweep_params(link, "gpt-tiny") == (grid, 4, [])
+    assert "overrides.seq_len" in params.sweep_axes("gpt-tiny") and "overrides.width" in params.sweep_axes("mlp")
+    assert "overrides.width" not in params.sweep_axes("gpt-tiny")
+    assert not any(axis.startswith("overrides.") for axis in params.sweep_axes("mypkg.models:build"))
+    other, _, [warning] = params.parse_sweep_params(link, "mlp")  # an mlp has no sequence length
+    assert other == {"batch": [1, 2], "precision": ["fp32", "bf16"]} and "'seq_len' ignored" in warning
+
+
+def _param(at, name: str) -> str:
+    value = at.query_params[name]
+    return value[0] if isinstance(value, list) else value
+
+
+def test_a_model_dimension_is_a_sweep_axis_that_a_link_carries_and_restores(app_db):
+    link = {"model": "gpt-tiny", "n_layers": "1", "warmup": "1", "sweep": "seq_len,precision",
+            "sweep_seq_len": "16,32,64", "sweep_precision": "fp32,bf16"}
+    at = open_app(query=link)
+    assert at.segmented_control(key="run.mode").value == "Sweep"
+    assert at.multiselect(key="run.sweep.fields").value == ["overrides.seq_len", "precision"]
+    assert at.text_input(key="run.sweep.overrides.seq_len").value == "16,32,64"
+    assert "6 configs" in " ".join(c.value for c in at.caption)
+    assert {k: _param(at, k) for k in link} == link  # the page's own link carries it back
+    # Picked on the page: the model's dimensions are offered (another model's are not), a new
+    # axis starts from the model's value and its double, and the link names it by its key.
+    at = tiny_settings(open_app())
+    at.segmented_control(key="run.mode").set_value("Sweep").run()
+    offered = at.multiselect(key="run.sweep.fields").options
+    assert {"seq_len (model dimension)", "n_layers (model dimension)"} <= set(offered)
+    assert not any(option.startswith("width") for option in offered)  # an mlp dimension
+    at.multiselect(key="run.sweep.fields").set_value(["overrides.n_layers"]).run()
+    assert at.text_input(key="run.sweep.overrides.n_layers").value == f"{TINY_DIMS['n_layers']},{2 * TINY_DIMS['n_layers']}"
+    at.text_input(key="run.sweep.overrides.n_layers").set_value("1,3").run()
+    assert (_param(at, "sweep"), _param(at, "sweep_n_layers")) == ("n_layers", "1,3")
+    at.text_input(key="run.sweep.overrides.n_layers").set_value("1,none").run()
+    assert any("overrides.n_layers: invalid value 'none'" in shown(e.value) for e in at.error)
+    # Another model: its dimensions replace the axis it lacks.
+    at.sidebar.selectbox(key=form.field_key("model")).set_value("mlp").run()
+    assert not at.exception and at.multiselect(key="run.sweep.fields").value == []
+
+
+def test_a_model_dimension_sweep_runs_and_stores_each_runs_dimensions(app_db):
+    at = tiny_settings(open_app())
+    at.segmented_control(key="run.mode").set_value("Sweep").run()
+    at.multiselect(key="run.sweep.fields").set_value(["overrides.seq_len"]).run()
+    at.text_input(key="run.sweep.overrides.seq_len").set_value("8,16").run()
+    click(at, "Run benchmark")
+    wait_until(at, finished(TASK))
+    stored = app_db.list()
+    assert sorted(r.config.overrides["seq_len"] for r in stored) == [8, 16]
+    assert all(r.status == "ok" and r.config.overrides["n_layers"] == TINY_DIMS["n_layers"] for r in stored)
+
+
+def test_a_bad_model_dimension_sweep_in_a_link_is_named_and_left_out(app_db):
+    at = open_app(query={"model": "mlp", "sweep": "seq_len,width,depth", "sweep_width": "8,0", "sweep_depth": "1,2"})
+    warnings = " ".join(shown(w.value) for w in at.warning)
+    assert "sweep: 'seq_len' ignored (allowed for mlp:" in warnings and "depth" in warnings
+    assert "sweep_width='8,0' ignored" in warnings
+    assert at.multiselect(key="run.sweep.fields").value == ["overrides.depth"]
+
+
 def test_a_bad_sweep_in_a_link_is_named_and_left_out(app_db):
     at = open_app(query={"sweep": "batch,colour", "sweep_batch": "1,x"})
     warnings = " ".join(shown(w.value) for w in at.warning)

@@ -111,7 +111,7 @@ def test_labels_name_the_model_then_only_what_differs_and_stay_unique():
     labels = charts.run_labels(repeats)
     assert len(set(labels)) == 2 and all(label.startswith("gpt-tiny · b2 · fp32 · ckpt none #") for label in labels)
     dims = [make_result(batch=2), make_result(batch=2, overrides={"seq_len": 64})]
-    assert charts.run_labels(dims) == ["gpt-tiny · seq_len=128", "gpt-tiny · seq_len=64"]
+    assert charts.run_labels(dims) == ["gpt-tiny · seq_len 128", "gpt-tiny · seq_len 64"]
     models = [make_result(batch=2), make_result(model="mlp", batch=2)]
     assert charts.run_labels(models) == ["gpt-tiny", "mlp"]
 
@@ -137,8 +137,26 @@ def test_sweep_lines_have_one_line_per_other_setting_and_failed_points():
     assert fig["layout"]["title"]["text"] == "Throughput vs batch"
     assert fig["layout"]["xaxis"]["type"] == "log"
     lines = [t for t in fig["data"] if t.get("name") != common.FAILED_NAME]
-    assert [(t["name"], list(t["x"])) for t in lines] == [("precision=fp32", [1, 2]), ("precision=bf16", [1, 2])]
+    assert [(t["name"], list(t["x"])) for t in lines] == [("fp32", [1, 2]), ("bf16", [1, 2])]
+    assert fig["layout"]["xaxis"]["title"]["text"] == "Micro-batch size (batch)"
     assert _failed(fig)["x"] == [4, 4] and _failed(fig)["text"] == ["OOM", "OOM"]
+
+
+def test_a_seq_len_sweep_draws_one_line_per_other_setting_against_seq_len():
+    seq_lens = (32, 64, 128)
+    results = [make_result(sweep_id="s", batch=2, precision=p, overrides={"n_layers": 2, "seq_len": t})
+               for p in ("fp32", "bf16") for t in seq_lens]
+    assert charts.sweep_fields(results) == ["seq_len", "precision"]  # the model dimension first
+    fig = charts.build_sweep_lines(results, "seq_len", "throughput").to_dict()
+    assert fig["layout"]["title"]["text"] == "Throughput vs seq_len"
+    assert fig["layout"]["xaxis"]["title"]["text"] == "seq_len (model dimension)"
+    assert fig["layout"]["xaxis"]["type"] == "log" and list(fig["layout"]["xaxis"]["tickvals"]) == list(seq_lens)
+    assert [(t["name"], list(t["x"])) for t in fig["data"]] == [("fp32", list(seq_lens)), ("bf16", list(seq_lens))]
+    # Against precision instead: one line per seq_len, named in words.
+    by_precision = charts.build_sweep_lines(results, "precision").to_dict()
+    assert [t["name"] for t in by_precision["data"]] == ["seq_len 32", "seq_len 64", "seq_len 128"]
+    # The bars group by the dimension like any varied setting; n_layers, fixed, says nothing.
+    assert charts.group_labels(results[:3]) == ["seq_len 32", "seq_len 64", "seq_len 128"]
 
 
 def test_a_fixed_effective_batch_sweep_is_one_line_not_one_per_accumulation():

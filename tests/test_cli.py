@@ -80,6 +80,14 @@ BAD_INPUT = [
      "nothing to run: batch 3 skipped: does not divide effective batch 8; batch 5 skipped"),
     (["sweep", "--accum", "1,2", "--effective-batch", "8", "--device", "cpu"], "accum: invalid value [1, 2]"),
     (["sweep", "--effective-batch", "many", "--device", "cpu"], "effective_batch: invalid value 'many'"),
+    (["run", "--set", "seq_len=16,32", "--device", "cpu"],
+     "overrides.seq_len: invalid value '16,32'; allowed: one integer here; a comma list is a sweep: "
+     "python -m engine sweep --set seq_len=16,32"),
+    (["sweep", "--set", "seq_len=16,x", "--device", "cpu"], "overrides.seq_len: invalid value 'x'; allowed: an integer"),
+    (["sweep", "--set", "seq_len=16,0", "--device", "cpu"], "overrides.seq_len: invalid value 0; allowed: an integer"),
+    (["sweep", "--set", "wings=1,2", "--device", "cpu"], "overrides.wings: invalid value 1; allowed: a gpt dimension"),
+    (["sweep", "--set", "seq_len=8", "--set", "seq_len=16,32", "--device", "cpu"],
+     "--set: invalid value 'seq_len=16,32'; allowed: each key once"),
     (["show", "/no/such/results.jsonl"], "/no/such/results.jsonl: No such file or directory"),
     (["show", "{old}"], "old.jsonl: line 1: unsupported schema 'tradeoff-lab/result/v0'"),
     (["run", "--device", "cpu", "--db", "{not_db}"], "not.sqlite: cannot open the results database"),
@@ -120,6 +128,42 @@ def test_run_stores_writes_and_prints_json(env, tmp_path):
 def test_a_failed_run_is_a_result_with_exit_code_1(capsys):
     assert cli.main(["run", "--model", "tests.helper_models:exits", "--device", "cpu", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["error"] == "worker died: exit code 3"
+
+
+def _sweep_configs(argv: list[str]):
+    """The configs ``python -m engine sweep ARGV`` would run, without running them."""
+    from engine.cli.common import grid_from_args
+    from engine.sweep import expand
+
+    args = cli.build_parser().parse_args(["sweep", *argv])
+    return expand(*grid_from_args(args), int(args.effective_batch) if args.effective_batch else None)
+
+
+def test_each_set_list_is_a_sweep_axis_crossed_with_the_other_lists():
+    configs, _ = _sweep_configs(["--set", "seq_len=16,32", "--set", "n_layers=1,2", "--set", "d_model=96",
+                                 "--device", "cpu"])
+    assert sorted((c.overrides["seq_len"], c.overrides["n_layers"]) for c in configs) == [
+        (16, 1), (16, 2), (32, 1), (32, 2)]
+    assert all(c.overrides["d_model"] == 96 for c in configs)
+    configs, notes = _sweep_configs(["--set", "seq_len=16,32", "--batch", "1,2,3", "--precision", "fp32,bf16",
+                                     "--effective-batch", "4", "--device", "cpu"])
+    assert len(configs) == 2 * 2 * 2 and notes == ["batch 3 skipped: does not divide effective batch 4"]
+    assert {(c.overrides["seq_len"], c.batch * c.accum) for c in configs} == {(16, 4), (32, 4)}
+
+
+def test_a_sweep_over_model_dimensions_stores_each_runs_dimensions(tmp_path, capsys):
+    out = tmp_path / "dims.jsonl"
+    tiny = ["--model", "gpt-tiny", "--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2",
+            "--set", "vocab=64", "--batch", "1", "--warmup", "0", "--steps", "1", "--device", "cpu"]
+    assert cli.main(["sweep", *tiny, "--set", "seq_len=8,16", "--out", str(out)]) == 0
+    results = read_results(out)
+    assert [(r.status, r.config.overrides) for r in results] == [
+        ("ok", {"n_layers": 1, "d_model": 32, "n_heads": 2, "vocab": 64, "seq_len": t}) for t in (8, 16)]
+    assert len({r.sweep_id for r in results}) == 1
+    # tokens per step follow the swept sequence length
+    assert [round(r.metrics.tokens_per_s / r.metrics.samples_per_s) for r in results] == [8, 16]
+    table = capsys.readouterr().out
+    assert "d_model=32,n_heads=2,n_layers=1,seq_len=8,vocab=64" in table  # the rows say what differs
 
 
 def test_sweep_with_effective_batch_then_show(tmp_path, capsys):

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from engine import ConfigError
-from engine.sweep import expand, run_sweep
+from engine.sweep import axis_dimension, dimension_axis, expand, run_sweep
 from engine.worker import shared_worker
 from tests.factories import assert_valid
 
@@ -22,6 +22,39 @@ def test_cross_product_of_any_fields():
 def test_model_dimension_lists_merge_into_overrides():
     configs, _ = expand({**CPU, "overrides": {"n_layers": 2}}, {"overrides.seq_len": [32, 64]})
     assert [c.overrides for c in configs] == [{"n_layers": 2, "seq_len": 32}, {"n_layers": 2, "seq_len": 64}]
+
+
+def test_model_dimensions_are_axes_crossed_with_fields_and_the_effective_batch():
+    grid = {dimension_axis("seq_len"): [16, 32], dimension_axis("n_layers"): [1, 2], "batch": [1, 2, 3],
+            "precision": ["fp32", "bf16"]}
+    configs, notes = expand({**CPU, "overrides": {"d_model": 64, "n_heads": 2}}, grid, effective_batch=4)
+    assert len(configs) == 2 * 2 * 2 * 2  # batch 3 does not divide 4
+    assert notes == ["batch 3 skipped: does not divide effective batch 4"]
+    assert {(c.overrides["seq_len"], c.overrides["n_layers"], c.batch, c.accum, c.precision) for c in configs} == {
+        (t, n, b, 4 // b, p) for t in (16, 32) for n in (1, 2) for b in (1, 2) for p in ("fp32", "bf16")}
+    assert all(c.overrides["d_model"] == 64 and c.overrides["n_heads"] == 2 for c in configs)
+    assert axis_dimension(dimension_axis("seq_len")) == "seq_len" and axis_dimension("batch") is None
+
+
+@pytest.mark.parametrize("base, grid, field, value", [
+    (CPU, {"overrides.wings": [1, 2]}, "overrides.wings", 1),  # not a dimension of gpt-tiny
+    ({**CPU, "model": "mlp"}, {"overrides.seq_len": [8, 16]}, "overrides.seq_len", 8),  # a gpt dimension, not mlp's
+    (CPU, {"overrides.seq_len": [16, 0]}, "overrides.seq_len", 0),
+    (CPU, {"overrides.seq_len": [16, "x"]}, "overrides.seq_len", "x"),
+    (CPU, {"overrides.seq_len": []}, "overrides.seq_len", []),
+    (CPU, {"overrides.": [1, 2]}, "overrides.", [1, 2]),
+    (CPU, {"overrides.d_model": [64, 100], "overrides.n_heads": [2, 3]}, "overrides.n_heads", 3),
+])
+def test_a_bad_model_dimension_axis_names_the_key_and_the_value(base, grid, field, value):
+    with pytest.raises(ConfigError) as info:
+        expand(base, grid)
+    assert (info.value.field, info.value.value) == (field, value)
+
+
+def test_a_dimension_axis_counts_toward_the_sweep_limit(monkeypatch):
+    monkeypatch.setenv("TRADEOFF_LAB_MAX_SWEEP", "7")
+    with pytest.raises(ConfigError, match="8 configurations"):
+        expand(CPU, {"overrides.seq_len": [16, 32], "overrides.n_layers": [1, 2], "batch": [1, 2]})
 
 
 def test_effective_batch_sets_accum_and_skips_non_divisors():

@@ -13,7 +13,7 @@ from typing import Callable
 import plotly.graph_objects as go
 
 from engine import presets
-from engine.config import FIELD_NAMES, GIB, gib_words
+from engine.config import FIELD_NAMES, FIELDS_BY_NAME, GIB, gib_words
 from engine.results import BREAKDOWN_KEYS, Result
 
 from .common import (OFF_SCALE_FACTOR, above_chart, add_failed_placeholders, chart_text, ckpt_pattern, describe,
@@ -56,16 +56,28 @@ def field_value(result: Result, field: str):
         return f"every-{config.k}"
     if field in FIELD_NAMES:
         return getattr(config, field)
-    if field in config.overrides or presets.is_user_model(config.model):
-        return config.overrides.get(field)
-    return presets.preset_dims(config.model, config.overrides)[1].get(field)
+    if field in config.overrides:
+        return config.overrides[field]
+    return presets.accepted_dimensions(config.model).get(field)  # None where the model has no such dimension
 
 
 def _field_text(result: Result, field: str) -> str:
+    """A run's value of ``field`` in words, as labels show it ("b4", "bf16", "seq_len 256")."""
     value = field_value(result, field)
     if field == "memory_cap_gib":
         return f"cap {value:g} GiB" if value else "no cap"
-    return _FIELD_FORMATS.get(field, field + "={}").format(value)
+    return _FIELD_FORMATS.get(field, field + " {}").format(value)
+
+
+def field_words(field: str) -> str:
+    """What a sweep chart's x axis shows, in words: a config field's label and name
+    ("Micro-batch size (batch)"), the effective batch, or a model dimension ("seq_len (model
+    dimension)"), which a sweep varies like any field."""
+    if field == "effective_batch":
+        return "Effective batch (batch × accum)"
+    if field in FIELDS_BY_NAME:
+        return f"{FIELDS_BY_NAME[field].spec.label} ({field})"
+    return f"{field} (model dimension)"
 
 
 def varying_fields(results: list[Result], fields: tuple[str, ...] = LABEL_FIELDS) -> list[str]:
@@ -356,7 +368,8 @@ SWEEP_METRICS: dict[str, tuple[str, Callable[[list[Result]], str], Callable[[Res
 
 
 def sweep_fields(results: list[Result]) -> list[str]:
-    """Fields a sweep chart can put on its x axis: those that vary between the runs."""
+    """Fields a sweep chart can put on its x axis: those that vary between the runs, the
+    model dimensions a sweep varied (seq_len...) among them, first the model's."""
     return varying_fields(results, CHART_AXES)
 
 
@@ -372,10 +385,12 @@ def _determined_by(results: list[Result], field: str, other: str) -> bool:
 
 
 def build_sweep_lines(results: list[Result], field: str, metric: str = "throughput") -> go.Figure:
-    """``metric`` against the swept ``field``, one line per combination of the other varied fields.
+    """``metric`` against the swept ``field`` (a config field or a model dimension such as
+    ``seq_len``), one line per combination of the other varied fields, named by their values
+    in words ("bf16 · b4").
 
-    Numeric fields (batch, accumulation...) go on a log axis because sweeps double them;
-    failed runs sit at y = 0 as marked placeholders at their x value.
+    Numeric fields (batch, accumulation, seq_len...) go on a log axis because sweeps double
+    them; failed runs sit at y = 0 as marked placeholders at their x value.
     """
     title, unit_of, value_of = SWEEP_METRICS[metric]
     unit = unit_of(results)
@@ -386,7 +401,7 @@ def build_sweep_lines(results: list[Result], field: str, metric: str = "throughp
         xs = [chart_text(x) for x in xs]  # categories, "None" (e.g. no memory cap) included
     groups: dict[str, list[int]] = {}
     for i, result in enumerate(results):
-        name = ", ".join(f"{f}={field_value(result, f)}" for f in others) or "all runs"
+        name = " · ".join(_field_text(result, f) for f in others) or "all runs"
         groups.setdefault(chart_text(name), []).append(i)
     fig = go.Figure()
     for name, members in groups.items():
@@ -403,7 +418,7 @@ def build_sweep_lines(results: list[Result], field: str, metric: str = "throughp
             hovertemplate=f"{chart_text(field)}=%{{x}}<br>%{{y:.3g}} {unit}<extra>%{{fullData.name}}</extra>",
         )
     add_failed_placeholders(fig, results, xs)
-    layout(fig, f"{title} vs {chart_text(field)}", x_title=chart_text(field), y_title=unit,
+    layout(fig, f"{title} vs {chart_text(field)}", x_title=chart_text(field_words(field)), y_title=unit,
            yaxis_rangemode="nonnegative")
     describe(fig, "One line per combination of the other settings; error bars: 10th–90th percentile of the steps")
     if numeric:

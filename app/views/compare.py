@@ -32,7 +32,9 @@ def describe_sweep(option: str) -> str:
     members = sweeps[option]
     first = members[-1]
     varied = ", ".join(run_charts.varying_fields(members)) or "one setting"
-    return (f"{first.config.model_label}: sweep over {varied} · {len(members)} runs · {first.env.label} · "
+    # A sweep over a model dimension has no one model label: the preset names it.
+    model = run_charts.shared_model(members) or first.config.model
+    return (f"{model}: sweep over {varied} · {len(members)} runs · {first.env.label} · "
             f"{first.origin_words} · {first.created_at[:16].replace('T', ' ')}")
 
 
@@ -90,7 +92,7 @@ swept = run_charts.sweep_fields(selected)
 if swept:
     st.subheader("Sweep")
     field_column, metric_column = st.columns(2)
-    field = field_column.selectbox("Against", swept, key="compare.sweep_field")
+    field = field_column.selectbox("Against", swept, key="compare.sweep_field", format_func=run_charts.field_words)
     metric = metric_column.selectbox("Metric", list(run_charts.SWEEP_METRICS), key="compare.sweep_metric",
                                      format_func=lambda m: run_charts.SWEEP_METRICS[m][0])
     ui.show_chart(run_charts.build_sweep_lines(selected, field, metric), key="compare.sweep")

@@ -11,8 +11,8 @@ import streamlit as st
 
 from app import form, params, storage, tasks, ui
 from app.panels import find_batch_panel
-from engine import devices, expect, limits, predict, sweep
-from engine.config import FIELDS_BY_NAME, GIB, SWEEP_FIELDS, BenchConfig, ConfigError, ConfigField, sweep_values
+from engine import devices, expect, limits, predict, presets, sweep
+from engine.config import FIELDS_BY_NAME, GIB, BenchConfig, ConfigError, ConfigField, parse_override_values, sweep_values
 from engine.results import Result
 
 PERSIST = form.PERSIST
@@ -29,12 +29,15 @@ def parse_values(field: ConfigField, text: str) -> list:
 
 
 def sweep_from_link() -> None:
-    """Once per session: a link's sweep definition (``params.parse_sweep_params``) opens the
-    page in Sweep mode with its axes and values; invalid parts are named and left out."""
+    """Once per session: a link's sweep definition (``params.parse_sweep_params``, model
+    dimensions of the link's model included) opens the page in Sweep mode with its axes and
+    values; invalid parts are named and left out."""
     if "run.link_read" in st.session_state:
         return
     st.session_state["run.link_read"] = True
-    grid, effective, warnings = params.parse_sweep_params(st.query_params.to_dict())
+    query = st.query_params.to_dict()
+    model = params.parse_query_params(query)[0].get("model", FIELDS_BY_NAME["model"].default)
+    grid, effective, warnings = params.parse_sweep_params(query, model)
     for warning in warnings:
         st.warning(ui.plain(warning))
     if grid is None:
@@ -42,20 +45,56 @@ def sweep_from_link() -> None:
     st.session_state["run.mode"] = "Sweep"
     st.session_state["run.sweep.fields"] = list(grid)
     for name, values in grid.items():
-        field = FIELDS_BY_NAME[name]
-        st.session_state[f"run.sweep.{name}"] = values if field.choices else ",".join(field.format(v) for v in values)
+        field = FIELDS_BY_NAME.get(name)
+        st.session_state[sweep_key(name)] = values if field and field.choices else \
+            ",".join(field.format(v) if field else str(v) for v in values)
     st.session_state["run.sweep.effective_batch"] = effective
 
 
+def sweep_key(axis: str) -> str:
+    """The session key of sweep axis ``axis``'s values (``run.sweep.batch``, ``run.sweep.overrides.seq_len``)."""
+    return f"run.sweep.{axis}"
+
+
+def axis_words(axis: str) -> str:
+    """A sweep axis as the picker shows it: a field by its name, a model dimension by its key
+    and what it is."""
+    dimension = sweep.axis_dimension(axis)
+    return axis if dimension is None else f"{dimension} (model dimension)"
+
+
+def dimension_values(key: str, text: str) -> list[int]:
+    """'128, 256' -> [128, 256] for model dimension ``key``, blank parts skipped as for a
+    field's list; a bad value raises ConfigError naming the key and that value."""
+    return parse_override_values(key, ",".join(part for part in text.split(",") if part.strip()))
+
+
+def dimension_start(config: BenchConfig, key: str) -> str:
+    """The values a newly picked model dimension axis starts with: the model's value and its double."""
+    value = {**presets.accepted_dimensions(config.model), **config.overrides}[key]
+    return f"{value},{2 * value}"
+
+
 def sweep_settings(config: BenchConfig) -> tuple[list[BenchConfig], list[str], dict]:
-    """Sweep definition widgets; the expanded configs, the engine's notes and the definition's
-    link parameters (ConfigError if invalid, too large, or if a config asks for more than
-    this server's limits)."""
+    """Sweep definition widgets: the config fields declared as sweep axes and the model
+    dimensions of the chosen model; the expanded configs, the engine's notes and the
+    definition's link parameters (ConfigError if invalid, too large, or if a config asks for
+    more than this server's limits)."""
+    axes = params.sweep_axes(config.model)
     st.session_state.setdefault("run.sweep.fields", ["batch", "precision"])
-    names = st.multiselect("Sweep over", SWEEP_FIELDS, key="run.sweep.fields", **PERSIST)
+    # Another model's dimensions are not axes of this one (and a multiselect refuses a value
+    # it does not offer).
+    st.session_state["run.sweep.fields"] = [name for name in st.session_state["run.sweep.fields"] if name in axes]
+    names = st.multiselect("Sweep over", axes, key="run.sweep.fields", format_func=axis_words, **PERSIST)
     grid = {}
     for column, name in zip(st.columns(max(len(names), 1)), names):
-        field, key = FIELDS_BY_NAME[name], f"run.sweep.{name}"
+        key, dimension = sweep_key(name), sweep.axis_dimension(name)
+        if dimension is not None:
+            st.session_state.setdefault(key, dimension_start(config, dimension))
+            with column:
+                grid[name] = dimension_values(dimension, st.text_input(f"{dimension} values", key=key, **PERSIST))
+            continue
+        field = FIELDS_BY_NAME[name]
         st.session_state.setdefault(key, sweep_values(field) if field.choices else field.spec.sweep)
         with column:
             if field.choices:

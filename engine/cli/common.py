@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Callable, TextIO
 
-from ..config import CONFIG_FIELDS, GIB, SCALAR_FIELDS, BenchConfig, ConfigError, parse_override
+from ..config import (CONFIG_FIELDS, GIB, SCALAR_FIELDS, BenchConfig, ConfigError, parse_override,
+                      parse_override_values)
 from ..progress import Progress
 from ..results import Result, read_results, write_jsonl
 from ..store import Store, StoreError
@@ -72,6 +73,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     overrides = {}
     for item in getattr(args, "overrides", None) or []:
         key, value = _split_override(item)
+        if "," in value:
+            raise ConfigError(f"overrides.{key}", value, "one integer here; a comma list is a sweep: "
+                                                         f"python -m engine sweep --set {key}={value.strip()}")
         overrides[key] = parse_override(key, value)
     if overrides:
         fields["overrides"] = overrides
@@ -79,14 +83,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def grid_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, list]]:
-    """(base, grid) for ``sweep.expand`` from list flags: one value -> base, several -> grid."""
+    """(base, grid) for ``sweep.expand`` from list flags: one value -> base, several -> grid
+    (a model dimension's list under its axis, ``sweep.dimension_axis``)."""
+    from ..sweep import axis_dimension, dimension_axis
+
     base: dict = {}
     grid: dict[str, list] = {}
 
     def put(name: str, values: list) -> None:
         if len(values) == 1:
-            if name.startswith("overrides."):
-                base.setdefault("overrides", {})[name.split(".", 1)[1]] = values[0]
+            if (dimension := axis_dimension(name)) is not None:
+                base.setdefault("overrides", {})[dimension] = values[0]
             else:
                 base[name] = values[0]
         else:
@@ -96,9 +103,13 @@ def grid_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, list]]:
         text = getattr(args, field.name, None)
         if text is not None:
             put(field.name, [field.parse(part) for part in text.split(",")])
+    seen = set()
     for item in args.overrides:
         key, value = _split_override(item)
-        put(f"overrides.{key}", [parse_override(key, part) for part in value.split(",")])
+        if key in seen:  # the second would silently replace the first
+            raise ConfigError("--set", item, f"each key once; give {key}'s values as one comma list")
+        seen.add(key)
+        put(dimension_axis(key), parse_override_values(key, value))
     return base, grid
 
 
@@ -173,9 +184,16 @@ def _ms(summary) -> str:
     return f"{summary.median:.1f}" if summary else "-"
 
 
+def _dims(config: BenchConfig) -> str:
+    """The model dimensions a run overrides, without spaces ("n_layers=2,seq_len=32"): rows of
+    a sweep over one differ only there."""
+    return ",".join(f"{k}={v}" for k, v in sorted(config.overrides.items())) or "-"
+
+
 def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
-    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+    dims = f" {_dims(config)}" if config.overrides else ""
+    return f"{config.model}{dims} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
 
 
 def result_line(result: Result) -> str:
@@ -203,13 +221,13 @@ def format_table(results: list[Result]) -> str:
         c, m = r.config, r.metrics
         error = r.error or ""
         rows.append((
-            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
+            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt, _dims(c),
             _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "spread", "fwd ms",
-                  "bwd ms", "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "dims", "step ms", "spread",
+                  "fwd ms", "bwd ms", "samples/s", "peak alloc", "error"), rows)
 
 
 def one_line(text: str) -> str:
