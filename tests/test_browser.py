@@ -226,7 +226,7 @@ def test_a_link_with_dimensions_warmup_and_a_sweep_restores_them_and_the_runs_ca
         # The form draws its inputs, then their values: waited for, not read mid-draw.
         expect(page.get_by_label("Warm-up steps (not measured)", exact=True)).to_have_value("1")
         expect(page.get_by_label("batch values", exact=True)).to_have_value("1,2")
-        assert page.get_by_text("Not run yet: no stored run").is_visible()
+        expect(page.get_by_text("Not run yet: no stored run")).to_be_visible()
         page.get_by_role("button", name="Run benchmark").click()
         page.get_by_text("Finished 2 of 2 run(s)").wait_for(timeout=RUN_TIMEOUT_S * 1000)
         # The address bar still names every part of the link.
