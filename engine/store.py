@@ -86,8 +86,10 @@ def display_name(target: str) -> str:
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         netloc = userinfo.partition(":")[0] + "@" + hosts
-    query = urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-                                    if k != "password"], safe="/:,")
+    query = parts.query
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(key == "password" for key, _ in pairs):
+        query = urllib.parse.urlencode([(k, v) for k, v in pairs if k != "password"], safe="/:,")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -104,8 +106,9 @@ def _decode_row(row_id: str, text: str) -> Result | tuple[str, str]:
 
 
 def _column_sql(column: Column, text_type: str) -> str:
-    return f"{column.name} {text_type}" + (" PRIMARY KEY" if column.name == KEY else "") + \
-        ("" if column.nullable or column.name == KEY else " NOT NULL")
+    if column.name == KEY:
+        return f"{column.name} {text_type} PRIMARY KEY"
+    return f"{column.name} {text_type}" + ("" if column.nullable else " NOT NULL")
 
 
 def schema_sql(text_type: str, extra_columns: tuple[str, ...] = ()) -> list[str]:
