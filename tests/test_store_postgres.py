@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from app import storage
-from engine import devicelock
+from engine import cli, devicelock
 from engine.results import Result, dumps_jsonl
 from engine.store import COLUMN_NAMES, Store, StoreError, display_name
 from tests.app_fixtures import make_result, make_sweep, open_app, shown
@@ -111,7 +111,7 @@ def test_queue_files_of_a_server_database_live_in_the_temp_dir(monkeypatch):
     assert devicelock.lock_dir() == os.path.join(devicelock.tempfile.gettempdir(), "tradeoff-lab-locks")
 
 
-def test_cli_runs_imports_and_lists_through_a_postgresql_url(pg_database, tmp_path):
+def test_cli_runs_imports_lists_and_recommends_through_a_postgresql_url(pg_database, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": ROOT}
     wrong_password = _start(["list", "--db", pg_database.replace(PASSWORD, "wrong")], env)  # meanwhile
     code, out, err = _engine("run", *TINY, "--batch", "2", "--json", "--db", pg_database)
@@ -127,6 +127,9 @@ def test_cli_runs_imports_and_lists_through_a_postgresql_url(pg_database, tmp_pa
     code, out, err = _engine("list", "--db", pg_database)
     assert code == 0, err
     assert measured.id[:8] in out and len([line for line in out.splitlines() if "gpt-tiny" in line]) == 3
+    assert cli.main(["recommend", "--db", pg_database, "--effective-batch", "2", "--memory-budget-gib", "80",
+                     "--model", measured.config.model_label, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["best"]["id"] == measured.id
     code, out, err = _finish(wrong_password)
     assert code == 2 and PASSWORD not in err and err.startswith(f"error: {display_name(pg_database)}: cannot open the results database ("), err
 
