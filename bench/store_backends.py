@@ -7,7 +7,8 @@ its real size). Without ``--url`` a throw-away local PostgreSQL server is starte
 default durability (fsync and synchronous commit on, as a team's server would have; the
 tests turn them off), so both backends wait for the disk at each commit. Each store call
 opens its own connection, so the figures include connecting (a local TCP login for
-PostgreSQL). Prints the median of ``--repeats`` timings per operation and the ratio.
+PostgreSQL). The two backends are timed in turn, so a change in the machine's load hits both
+alike. Prints the median of ``--repeats`` timings per operation and the ratio.
 
     python3 bench/store_backends.py [--runs 1000] [--repeats 21] [--url postgresql://...]
 """
@@ -39,36 +40,36 @@ def copies(n: int) -> list[Result]:
             for i in range(n)]
 
 
-def median_ms(call, repeats: int) -> float:
-    """Median wall time of ``call()`` in ms, after one untimed call."""
+def timed_ms(call) -> float:
+    """Wall time of ``call()`` in ms."""
+    started = time.perf_counter()
     call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
-def measure(target: str, runs: int, repeats: int) -> dict[str, float]:
-    """Median ms of adding one run and of listing ``runs`` runs on the store at ``target``."""
-    store = Store(target)
-    store.add_many(copies(runs))
-    one = iter(copies(repeats + 1))
-    listed = len(store.list())
-    assert listed == runs, listed
-    return {"add one run": median_ms(lambda: store.add(next(one)), repeats),
-            f"list {runs} runs": median_ms(lambda: store.list(limit=runs), repeats)}
+    return (time.perf_counter() - started) * 1000
 
 
 def report(runs: int, repeats: int, url: str) -> None:
+    """Fill both stores with ``runs`` runs, then time each operation on the two backends in
+    turn, ``repeats`` times after one untimed round (alternating, so a change in the
+    machine's load hits both alike), and print the medians and their ratio."""
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = measure(os.path.join(tmp, "runs.sqlite"), runs, repeats)
-    postgres = measure(url, runs, repeats)
+        stores = {"SQLite": Store(os.path.join(tmp, "runs.sqlite")), "PostgreSQL": Store(url)}
+        fresh = {name: iter(copies(repeats + 1)) for name in stores}
+        for store in stores.values():
+            store.add_many(copies(runs))
+            assert len(store.list()) == runs
+        operations = {"add one run": lambda name: stores[name].add(next(fresh[name])),
+                      f"list {runs} runs": lambda name: stores[name].list(limit=runs)}
+        times = {(op, name): [] for op in operations for name in stores}
+        for round_ in range(repeats + 1):
+            for op, call in operations.items():
+                for name in stores:
+                    elapsed = timed_ms(lambda: call(name))
+                    if round_:
+                        times[op, name].append(elapsed)
     print(f"median of {repeats} (ms)        SQLite  PostgreSQL  PostgreSQL/SQLite")
-    for operation in sqlite:
-        print(f"{operation:<24}{sqlite[operation]:>9.2f}{postgres[operation]:>12.2f}"
-              f"{postgres[operation] / sqlite[operation]:>18.2f}")
+    for op in operations:
+        sqlite, postgres = (statistics.median(times[op, name]) for name in stores)
+        print(f"{op:<24}{sqlite:>9.2f}{postgres:>12.2f}{postgres / sqlite:>18.2f}")
 
 
 def main() -> None:

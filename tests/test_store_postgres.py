@@ -38,7 +38,8 @@ def test_display_name_leaves_out_the_password_wherever_the_url_has_it():
 
 def test_both_backends_create_the_one_declared_table(pg_database, tmp_path):
     path = str(tmp_path / "runs.sqlite")
-    Store(path), Store(pg_database)
+    for target in (path, pg_database):
+        Store(target)
     with sqlite3.connect(path) as conn:
         assert tuple(row[1] for row in conn.execute("PRAGMA table_info(runs)")) == COLUMN_NAMES
     columns = execute(pg_database, "SELECT column_name FROM information_schema.columns WHERE table_name = 'runs' "
