@@ -14,7 +14,7 @@ from app import storage
 from engine import cli, devicelock
 from engine.results import Result, dumps_jsonl
 from engine.store import COLUMN_NAMES, Store, StoreError, display_name
-from tests.app_fixtures import make_result, make_sweep, open_app, shown
+from tests.app_fixtures import click, make_result, make_sweep, open_app, shown
 from tests.conftest import ROOT
 from tests.pg_server import PASSWORD
 from tests.test_cli import TINY, _finish, _start
@@ -144,10 +144,15 @@ def test_the_dashboard_reads_runs_from_postgresql_and_an_unreachable_server_is_o
 
     down = f"postgresql://tradeoff:{PASSWORD}@127.0.0.1:1/runs"
     monkeypatch.setenv("TRADEOFF_LAB_DB", down)
-    at = open_app("views/results.py")
-    [error] = at.error
-    text = shown(error.value)
-    assert text.startswith(f"{display_name(down)}: cannot open the results database (") and PASSWORD not in text
-    assert "check that the server is up" in text and "TRADEOFF_LAB_DB" in text
+    at = open_app()
+    click(at, "Run benchmark")  # refused with why, before anything is measured
+    assert not at.exception and "run.task" not in at.session_state
+    assert shown(at.error[0].value).startswith(f"{display_name(down)}: ")
+    for page in ("views/compare.py", "views/decide.py", "views/results.py"):
+        at.switch_page(page).run()
+        [error] = at.error
+        text = shown(error.value)
+        assert text.startswith(f"{display_name(down)}: cannot open the results database ("), (page, text)
+        assert PASSWORD not in text and "check that the server is up" in text and "TRADEOFF_LAB_DB" in text
     at.switch_page("views/device.py").run()
     assert not at.exception and not at.error and at.title[0].value == "Device"
