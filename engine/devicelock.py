@@ -28,17 +28,20 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from .store import is_url
+
 POLL_S = 0.05
 _held = threading.local()  # devices the current thread holds (key -> ticket fd), for re-entrant use
 
 
 def lock_dir() -> str:
-    """Directory of the queue files: $TRADEOFF_LAB_LOCK_DIR, else next to $TRADEOFF_LAB_DB, else the temp dir."""
+    """Directory of the queue files: $TRADEOFF_LAB_LOCK_DIR, else next to $TRADEOFF_LAB_DB
+    when that is a file, else the temp dir (a database on a server has no folder here)."""
     explicit = os.environ.get("TRADEOFF_LAB_LOCK_DIR")
     if explicit:
         return explicit
     db = os.environ.get("TRADEOFF_LAB_DB")
-    if db:
+    if db and not is_url(db):
         return os.path.join(os.path.dirname(os.path.abspath(db)), "locks")
     return os.path.join(tempfile.gettempdir(), "tradeoff-lab-locks")
 

@@ -1,5 +1,6 @@
-"""Shared pytest set-up: every test gets its own device-queue directory and database, and
-``gpu`` tests skip without CUDA. Markers and the per-test timeout live in pyproject.toml."""
+"""Shared pytest set-up: every test gets its own device-queue directory and database, ``gpu``
+tests skip without CUDA, and tests/pg_server.py's PostgreSQL fixtures are shared. Markers and
+the per-test timeout live in pyproject.toml."""
 import os
 import sys
 
@@ -8,6 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tests.pg_server import pg_database, pg_server  # noqa: E402,F401 - fixtures: one server per session
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,10 @@
-"""The SQLite results store: persistence, filters, duplicates, concurrency, speed."""
+"""The results store: persistence, filters, duplicates, concurrency, speed. The behaviour
+tests run against both backends (a SQLite file and a database on a throw-away PostgreSQL
+server, tests/pg_server.py); the file-level ones are SQLite's own."""
+import json
 import multiprocessing
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -9,7 +13,7 @@ import pytest
 
 from engine import BenchConfig
 from engine.results import Result
-from engine.store import Store, StoreError
+from engine.store import Store, StoreError, is_url
 from tests.test_results import ENV, ok_result
 
 
@@ -17,55 +21,95 @@ def _failed(model="mlp", sweep_id=None):
     return Result.new(BenchConfig(model=model, device="cpu"), "oom", ENV, error="out of memory", sweep_id=sweep_id)
 
 
-def test_add_get_list_and_survive_reopen(tmp_path):
-    path = tmp_path / "sub" / "runs.sqlite"  # parent directory is created
-    store = Store(path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path) -> str:
+    """Where the test's store lives: a new SQLite file (in a directory not made yet), or a new
+    database of its own on the test PostgreSQL server (a URL with a password)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "sub" / "runs.sqlite")
+    return request.getfixturevalue("pg_database")
+
+
+def execute(target: str, sql: str, params=()) -> list[tuple]:
+    """Run ``sql`` (``?`` parameters) straight on the store's database, as another program
+    would; returns the rows it selects."""
+    if is_url(target):
+        import psycopg
+
+        with psycopg.connect(target) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    with sqlite3.connect(target) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def test_add_get_list_and_survive_reopen(target):
+    store = Store(target)
     first, second = ok_result(batch=1), _failed()
     assert store.add(first) is True
     assert store.add(second) is True
     assert store.add(first) is False  # same id: not stored twice
 
-    reopened = Store(path)
+    reopened = Store(target)
     assert reopened.count() == 2
     assert reopened.get(first.id) == first
     assert reopened.get("missing") is None
     assert [r.id for r in reopened.list()] == [second.id, first.id]  # newest first
+    [(stored,)] = execute(target, "SELECT json FROM runs WHERE id = ?", (first.id,))
+    assert stored == first.to_json()  # the result's own JSON, byte for byte
+
+
+def test_runs_made_in_the_same_instant_list_newest_stored_first(target):
+    store = Store(target)
+    same_time = [ok_result().replace(created_at="2025-01-01T00:00:00+00:00") for _ in range(5)]
+    store.add_many(same_time[:3])
+    store.add_many(same_time[3:])
+    assert [r.id for r in store.list()] == [r.id for r in reversed(same_time)]
+
+
+def test_a_new_sqlite_file_is_in_wal_mode(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    Store(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_filters_limit_delete_and_latest_sweep(tmp_path):
-    store = Store(tmp_path / "runs.sqlite")
+def test_filters_limit_delete_and_latest_sweep(target):
+    store = Store(target)
     a, b = ok_result().replace(sweep_id="sweep-a"), ok_result().replace(sweep_id="sweep-a")
     c = _failed(model="mlp", sweep_id="sweep-b")
     d = ok_result().replace(sweep_id=None)
     assert store.add_many([a, b, c, d, a]) == (4, 1)
+    assert store.add_many([]) == (0, 0)
     assert {r.id for r in store.list(sweep_id="sweep-a")} == {a.id, b.id}
     assert [r.id for r in store.list(status="oom")] == [c.id]
     assert [r.id for r in store.list(model="mlp")] == [c.id]
     assert {r.id for r in store.list(ids=[a.id, d.id, "nope"])} == {a.id, d.id}
     assert store.list(ids=[]) == []
     assert len(store.list(limit=2)) == 2
+    assert [r.id for r in store.list(status="ok", limit=1)] == [d.id]
     assert store.latest_sweep_id() == "sweep-b"
     assert store.delete([c.id, "nope"]) == 1
+    assert store.delete([]) == 0
     assert store.latest_sweep_id() == "sweep-a"
     assert store.count() == 3
 
 
-def test_a_failed_write_stores_nothing_of_the_batch(tmp_path):
-    store = Store(tmp_path / "runs.sqlite")
+def test_a_failed_write_stores_nothing_of_the_batch(target):
+    store = Store(target)
     bad = ok_result().replace(config=None)  # not a Result the store can write
     with pytest.raises(AttributeError):
         store.add_many([ok_result(), bad])
     assert store.count() == 0  # one transaction: nothing half-written
 
 
-def test_a_row_that_no_longer_reads_is_listed_as_unreadable_and_can_be_deleted(tmp_path):
-    store = Store(tmp_path / "runs.sqlite")
+def test_a_row_that_no_longer_reads_is_listed_as_unreadable_and_can_be_deleted(target):
+    store = Store(target)
     good = ok_result()
     store.add_many([good, ok_result().replace(id="broken")])
-    with sqlite3.connect(tmp_path / "runs.sqlite") as conn:
-        conn.execute("UPDATE runs SET json = json_set(json, '$.config.model', 7) WHERE id = 'broken'")
+    [(text,)] = execute(target, "SELECT json FROM runs WHERE id = 'broken'")
+    execute(target, "UPDATE runs SET json = ? WHERE id = 'broken'",
+            (json.dumps({**json.loads(text), "config": {**json.loads(text)["config"], "model": 7}}),))
     assert [r.id for r in store.list()] == [good.id]
     [(row_id, problem)] = store.unreadable()
     assert row_id == "broken" and "config.model: invalid value 7" in problem
@@ -88,13 +132,14 @@ def test_opening_an_existing_store_writes_nothing(tmp_path):
     assert os.stat(path).st_mtime_ns == before  # so a store on a full disk still lists
 
 
-def test_only_a_duplicate_id_counts_as_skipped_any_other_failure_is_an_error(tmp_path, monkeypatch):
-    store = Store(tmp_path / "runs.sqlite")
+def test_only_a_duplicate_id_counts_as_skipped_any_other_failure_is_an_error(target, monkeypatch):
+    store = Store(target)
     first = ok_result()
     assert store.add_many([first, first]) == (1, 1)
     row = Store._row
     monkeypatch.setattr(Store, "_row", staticmethod(lambda result: (*row(result)[:3], None, *row(result)[4:])))
-    with pytest.raises(StoreError, match="runs.sqlite: cannot store the run.*NOT NULL constraint failed: runs.model"):
+    not_null = r'(NOT NULL constraint failed: runs\.model|null value in column "model")'
+    with pytest.raises(StoreError, match=re.escape(store.path) + ": cannot store the run.*" + not_null):
         store.add(ok_result())  # a NULL model column must not pass as "already stored"
     assert store.count() == 1
 
@@ -118,8 +163,8 @@ def _add_from_process(path, n):
         store.add(ok_result())
 
 
-def test_concurrent_threads_and_processes(tmp_path):
-    path = tmp_path / "runs.sqlite"
+def test_concurrent_threads_and_processes(target):
+    path = target
     Store(path)
     ctx = multiprocessing.get_context("fork")  # forked writers start instantly (torch already imported)
     procs = [ctx.Process(target=_add_from_process, args=(path, 25)) for _ in range(2)]
@@ -132,8 +177,8 @@ def test_concurrent_threads_and_processes(tmp_path):
     assert Store(path).count() == 125
 
 
-def test_listing_thousands_of_runs_stays_fast(tmp_path):
-    store = Store(tmp_path / "runs.sqlite")
+def test_listing_thousands_of_runs_stays_fast(target):
+    store = Store(target)
     template = ok_result()
     results = [template.replace(id=f"{i:032x}", created_at=f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}+00:00")
                for i in range(2000)]

@@ -17,7 +17,7 @@ from ..config import (CONFIG_FIELDS, GIB, SCALAR_FIELDS, BenchConfig, ConfigErro
                       parse_override_values)
 from ..progress import Progress
 from ..results import Result, read_results, write_jsonl
-from ..store import Store, StoreError
+from ..store import Store, StoreError, is_url
 
 MIB = 1024**2
 
@@ -116,7 +116,8 @@ def grid_from_args(args: argparse.Namespace) -> tuple[dict, dict[str, list]]:
 def add_output_flags(parser: argparse.ArgumentParser, json_help: str = "print each result as JSON on stdout") -> None:
     """--out, --db and --json."""
     parser.add_argument("--out", metavar="FILE", help="append the runs made to this JSON Lines file")
-    parser.add_argument("--db", metavar="PATH", help="store the runs made in this SQLite database")
+    parser.add_argument("--db", metavar="PATH", help="store the runs made in this database (SQLite file or "
+                        "postgresql:// URL)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -266,20 +267,23 @@ class ProgressPrinter:
 
 # ------------------------------------------------------------------------- where results go
 def open_store(path: str, write: bool = False) -> Store:
-    """The database at ``--db path``. For reading it must exist; for writing (``write``) it
-    is created if missing and must take a write now: not damaged (SQLite's quick_check),
-    writable, with space on its disk. CLIError/StoreError naming the path otherwise, before
-    anything is measured."""
+    """The database at ``--db path``: a SQLite file or a ``postgresql://`` URL. For reading a
+    file must exist; for writing (``write``) it is created if missing and must take a write
+    now: not damaged (SQLite's quick_check), writable, with space on its disk (a server is
+    asked to accept a write). CLIError/StoreError naming the database (never a password)
+    otherwise, before anything is measured."""
     if not path:
         raise CLIError("--db: the path is empty; give a database file, e.g. --db data/runs.sqlite")
-    if os.path.isdir(path):
-        raise CLIError(f"--db: {path} is a directory, not a database file")
-    if not write and not os.path.exists(path):
-        raise CLIError(f"--db: {path}: no such database")
+    if not is_url(path):
+        if os.path.isdir(path):
+            raise CLIError(f"--db: {path} is a directory, not a database file")
+        if not write and not os.path.exists(path):
+            raise CLIError(f"--db: {path}: no such database")
     store = Store(path)
     if write:
         store.check_writable()
-        _check_space("--db", path)
+        if not is_url(path):
+            _check_space("--db", path)
     return store
 
 

@@ -249,7 +249,7 @@ def register(subparsers) -> None:
         description="Among ok runs with this effective batch whose peak allocated memory fits the budget, the "
                     "fastest and the runner-up. Exit code 1 when nothing fits.")
     p.add_argument("--results", action="append", metavar="FILE", help="results file (repeatable)")
-    p.add_argument("--db", metavar="PATH", help="SQLite database of runs")
+    p.add_argument("--db", metavar="PATH", help="database of runs (SQLite file or postgresql:// URL)")
     p.add_argument("--effective-batch", type=int, required=True, metavar="N")
     p.add_argument("--memory-budget-gib", type=float, required=True, metavar="G")
     p.add_argument("--model", help="model (name or 'name (overrides)') when the runs hold several")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..store import ImportOutcome, default_path, import_bundle
+from ..store import DEFAULT_PATH, ImportOutcome, default_path, import_bundle
 from .common import format_table, one_line, open_store
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    store = open_store(args.db)
+    store = open_store(default_path() if args.db is None else args.db)
     results, unreadable = store.list(), store.unreadable()
     print(format_table(results) if results else f"{store.path}: no stored runs")
     if unreadable:
@@ -20,7 +20,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    store = open_store(args.db, write=True)
+    store = open_store(default_path() if args.db is None else args.db, write=True)
     rejected = 0
     for path in args.files:
         try:
@@ -40,9 +40,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add list and import to ``python -m engine``."""
-    db_help = f"SQLite database of runs (default $TRADEOFF_LAB_DB, else {default_path()})"
+    # The default is read when the command runs, and --help never prints $TRADEOFF_LAB_DB: it
+    # may be a URL with a password in it.
+    db_help = f"database of runs: SQLite file or postgresql:// URL (default $TRADEOFF_LAB_DB, else {DEFAULT_PATH})"
     p = subparsers.add_parser("list", help="print the runs stored in a database as a table")
-    p.add_argument("--db", metavar="PATH", default=default_path(), help=db_help)
+    p.add_argument("--db", metavar="PATH", help=db_help)
     p.set_defaults(func=_cmd_list)
 
     p = subparsers.add_parser(
@@ -50,5 +52,5 @@ def register(subparsers) -> None:
         description="Each file is validated whole first, exactly as the dashboard's import: a bad file imports "
                     "nothing. Prints what each file added and skipped. Exit code 2 when a file was rejected.")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--db", metavar="PATH", default=default_path(), help=db_help)
+    p.add_argument("--db", metavar="PATH", help=db_help)
     p.set_defaults(func=_cmd_import)
