@@ -11,7 +11,8 @@ from engine import cli, expect, hf_table, predict, presets
 from engine.config import CKPT_POLICIES, BenchConfig, ConfigError
 from engine.devices import this_host_id
 from engine.measure import run_benchmark
-from app import params
+from app import form, params
+from tests.app_fixtures import app_db, open_app  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,3 +143,13 @@ def test_the_model_picker_lists_the_table_beside_the_presets():
     assert not presets.is_user_model("hf:gpt2") and presets.is_user_model("mypkg.models:build")
     # Every --set key of every architecture is a link parameter.
     assert {key for name in hf_table.hf_names() for key in hf_table.dims(name)} <= set(presets.dimension_names())
+
+
+def test_a_link_opens_the_run_page_on_an_hf_model_with_its_own_dimension_keys(app_db):
+    at = open_app(query={"model": "hf:gpt2", "n_layer": "2", "seq_len": "64"})
+    picker = at.selectbox(key="config.model")
+    assert picker.value == "hf:gpt2" and set(hf_table.hf_names()) <= set(picker.options)
+    assert at.number_input(key=form.dim_key("hf:gpt2", "n_layer")).value == 2
+    assert at.number_input(key=form.dim_key("hf:gpt2", "seq_len")).value == 64
+    assert at.number_input(key=form.dim_key("hf:gpt2", "n_embd")).value == 768
+    assert not at.error and not at.warning, [e.value for e in [*at.error, *at.warning]]
