@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from engine import cli, expect, hf_table, predict, presets
+from engine import cli, expect, hf_table, memory, predict, presets
 from engine.config import CKPT_POLICIES, BenchConfig, ConfigError
 from engine.devices import this_host_id
 from engine.measure import run_benchmark
+from engine.step import build_step
 from app import form, params
 from tests.app_fixtures import app_db, open_app  # noqa: F401
 
@@ -58,6 +59,22 @@ def test_every_checkpointing_policy_runs_on_the_real_blocks_and_meets_the_analyt
     activations = {ckpt: r.metrics.memory_breakdown_bytes.activations for ckpt, r in results.items()}
     assert activations["full"] < activations["every-k"] < activations["none"]
     assert activations["full"] < activations["selective"] < activations["none"]
+
+
+@pytest.mark.parametrize("model, precision, ckpt", [
+    ("hf:qwen2.5-0.5b", "fp32", "none"),  # biased q/k/v projections
+    ("hf:mistral-7b", "bf16", "selective"),  # untied embeddings
+    ("hf:llama-3.1-8b", "bf16", "full"),  # untied embeddings
+])
+def test_the_other_families_meet_the_analytic_breakdown(model, precision, ckpt):
+    config = BenchConfig(model=model, overrides={**TINY["hf:llama-3.2-1b"]}, batch=4, precision=precision, ckpt=ckpt,
+                         device="cpu")
+    step = build_step(config)
+    step.run()  # optimizer state exists, as in a measured step
+    measured = memory.memory_breakdown(step)
+    estimate = predict.analytic_estimate(config)
+    assert estimate.activations == pytest.approx(measured.activations, rel=0.05)
+    assert estimate.peak == pytest.approx(measured.total, rel=0.05)
 
 
 @pytest.mark.parametrize("model", list(TINY))
