@@ -1,11 +1,11 @@
-"""Built-in benchmark models and the user-model contract.
+"""Built-in benchmark models, Hugging Face architectures by name and the user-model contract.
 
 Every model follows one contract: a builder returns ``(model, make_batch)`` where
 ``make_batch(batch_size, device)`` returns a tuple and ``model(*batch)`` returns a scalar
 loss. Repeated blocks live in ``model.blocks`` (an ``nn.ModuleList``) so checkpointing
-policies can wrap them; a user model without that attribute has its blocks found (the
-repeated module class holding the most parameters, across every stage), or named with
-``--blocks``.
+policies can wrap them; a user model or an ``hf:`` model without that attribute has its
+blocks found (the repeated module class holding the most parameters, across every stage:
+``hf.transformer.h.*``, ``hf.model.layers.*``), or named with ``--blocks``.
 """
 from __future__ import annotations
 
