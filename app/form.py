@@ -6,7 +6,7 @@ range and step, a nullable number may be left empty for "none"), labelled and ex
 the field's spec, disabled where the field does not apply (``k`` without every-k
 checkpointing); the model's dimensions sit in an expander. Adding a config field needs no
 edit here. Only the model and the device get their own widgets: their options come from the
-presets and from this machine.
+presets and Hugging Face architectures (``presets.MODELS``) and from this machine.
 
 Both pages use the same session keys (``config.<field>``, ``config.dim.<model>.<dim>``), so
 a browser session has one configuration; it starts from the defaults overridden by the
@@ -18,7 +18,7 @@ import os
 
 import streamlit as st
 
-from engine import devices, limits, presets
+from engine import devices, hf_table, limits, presets
 from engine.config import CONFIG_FIELDS, SCALAR_FIELDS, BenchConfig, ConfigError, ConfigField, check_runnable
 
 from . import params, ui
@@ -85,7 +85,7 @@ def _help(field: ConfigField) -> str:
 
 def _model(field: ConfigField, values: dict) -> str:
     """A preset, or (where allowed) the user's module:function, which wins when filled in."""
-    model = st.selectbox(field.spec.label, list(presets.PRESETS), key=field_key(field.name), help=_help(field),
+    model = st.selectbox(field.spec.label, list(presets.MODELS), key=field_key(field.name), help=_help(field),
                          **PERSIST)
     if user_models_allowed():
         user = st.text_input("Your model (module:function)", key=USER_MODEL_KEY, **PERSIST,
@@ -109,7 +109,9 @@ def _dimensions(field: ConfigField, values: dict) -> dict[str, int]:
             value = st.number_input(name, min_value=1, step=1, key=key, **PERSIST)
             if value != default:
                 overrides[name] = value
-        st.caption(f"{family} preset {model}; changed dimensions are sent as overrides.")
+        kind = "Hugging Face architecture (random weights, its configuration's own keys)" if hf_table.is_hf(model) \
+            else "preset"
+        st.caption(f"{family} {kind} {model}; changed dimensions are sent as overrides.")
     return overrides
 
 

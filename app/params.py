@@ -6,8 +6,9 @@ key (``seq_len``, ``n_layers``...), so a new field needs no edit here. A value t
 parse, or that BenchConfig rejects, is dropped with a warning naming the parameter, the value
 and what is allowed, so a mistyped or stale link opens the page with the default instead of
 an error page; so is a value above this server's limits (``engine.limits``: a link must not
-book a shared GPU for days with ``steps=1000000000``). ``model`` must name a built-in preset:
-a link is untrusted input and must never make the app import a module.
+book a shared GPU for days with ``steps=1000000000``). ``model`` must name a built-in preset or
+an ``hf:`` architecture of the table: a link is untrusted input and must never make the app
+import a module.
 """
 from __future__ import annotations
 
@@ -102,9 +103,10 @@ def parse_sweep_params(params: Mapping[str, str | list[str]],
 
 def _parse(field: ConfigField, raw: str, choices: Mapping[str, list]) -> object:
     """The typed value of one parameter; raises ValueError or ConfigError when it is invalid."""
-    if field.name == "model" and raw not in presets.PRESETS:
-        # Checked before BenchConfig sees it: a module:function is never taken from a link.
-        raise ValueError(f"not a built-in model; a link can only name one of {', '.join(presets.PRESETS)}")
+    if field.name == "model" and raw not in presets.MODELS:
+        # Checked before BenchConfig sees it: a module:function is never taken from a link
+        # (an hf: name of the table is no import, so it may be).
+        raise ValueError(f"not a built-in model; a link can only name one of {', '.join(presets.MODELS)}")
     value = field.parse(raw)
     if field.name in choices and value not in choices[field.name]:
         raise ConfigError(field.name, raw, ", ".join(choices[field.name]))

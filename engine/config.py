@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from . import devices, presets
+from . import devices, hf_table, presets
 
 GIB = 1024**3
 
@@ -82,7 +82,8 @@ def setting(default: Any = dataclasses.MISSING, default_factory: Any = dataclass
     return field(metadata={"spec": FieldSpec(**spec)}, **kwargs)
 
 
-_MODEL_ALLOWED = f"a preset ({', '.join(presets.PRESETS)}) or module:function"
+_MODEL_ALLOWED = (f"a preset ({', '.join(presets.PRESETS)}), a Hugging Face architecture "
+                  f"({', '.join(hf_table.hf_names())}) or module:function")
 _DEVICE_ALLOWED = "auto, cpu, cuda, cuda:N, mps"
 
 
@@ -101,16 +102,21 @@ def _check_model(config: "BenchConfig") -> None:
         if overrides:
             raise ConfigError("overrides", overrides, "no overrides for a module:function model (configure it in your build function)")
         return
-    if model not in presets.PRESETS:
+    if hf_table.is_hf(model) and model not in presets.MODELS:
+        raise ConfigError("model", model, f"a Hugging Face architecture of the table: {', '.join(hf_table.hf_names())}")
+    if model not in presets.MODELS:
         raise ConfigError("model", model, allowed)
     family, defaults = presets.preset_dims(model)
     for key, value in overrides.items():
         if key not in defaults:
-            raise ConfigError(f"overrides.{key}", value, f"a {family} dimension: {', '.join(defaults)}")
+            raise ConfigError(f"overrides.{key}", value, f"a dimension of {model}: {', '.join(defaults)}")
         _check_int(f"overrides.{key}", value, 1, _INT_LIMIT)
     _, dims = presets.preset_dims(model, overrides)
     if family == "gpt" and dims["d_model"] % dims["n_heads"]:
         raise ConfigError("overrides.n_heads", dims["n_heads"], f"a divisor of d_model ({dims['d_model']})")
+    problem = hf_table.dimension_problem(family, dims) if hf_table.is_hf(model) else None
+    if problem:
+        raise ConfigError(f"overrides.{problem[0]}", dims[problem[0]], problem[1])
 
 
 def _check_device(config: "BenchConfig") -> None:

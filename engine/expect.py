@@ -7,11 +7,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import presets
 from .config import BenchConfig, device_memory_limit, gib_words
 from .devices import resolve_device
 from .frontier import measured_here
-from .predict import analytic_estimate, curve_key, model_param_count
+from .predict import analytic_estimate, curve_key, decoder_shape, model_param_count
 from .progress import duration_words
 from .results import Result
 
@@ -62,19 +61,20 @@ class Expectation:
 
 
 def analytic_flops_per_step(config: BenchConfig) -> float | None:
-    """Training FLOPs of one optimizer step of a built-in GPT: 6 × parameters per token plus
-    attention's 12 × layers × d_model × seq_len (PaLM, appendix B), plus one more forward
-    (2 × parameters per token) when checkpointing recomputes it. None for other models."""
-    if presets.is_user_model(config.model) or presets.PRESETS[config.model][0] != "gpt":
-        return None
-    n_params = model_param_count(config)
+    """Training FLOPs of one optimizer step of a built-in GPT or an ``hf:`` transformer: 6 ×
+    matmul parameters per token plus attention's 12 × layers × hidden × seq_len (PaLM,
+    appendix B), plus one more forward (2 × per token) when checkpointing recomputes it.
+    Embedding lookups are no matmul: learned positions and an untied input embedding are left
+    out (a tied one is the output head's matmul). None for other models."""
+    shape = decoder_shape(config)
+    n_params = model_param_count(config) if shape is not None else None
     if n_params is None:
         return None
-    dims = presets.preset_dims(config.model, config.overrides)[1]
-    per_token = 6 * n_params + 12 * dims["n_layers"] * dims["d_model"] * dims["seq_len"]
+    n_matmul = n_params - shape.position_rows * shape.hidden - (0 if shape.tied else shape.vocab * shape.hidden)
+    per_token = 6 * n_matmul + 12 * shape.layers * shape.hidden * shape.seq_len
     if config.ckpt != "none":
-        per_token += 2 * n_params
-    return per_token * dims["seq_len"] * config.batch * config.accum
+        per_token += 2 * n_matmul
+    return per_token * shape.seq_len * config.batch * config.accum
 
 
 def expected_seconds(config: BenchConfig, runs: Iterable[Result], host_id: str) -> tuple[float | None, str]:

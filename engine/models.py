@@ -1,11 +1,11 @@
-"""Built-in benchmark models and the user-model contract.
+"""Built-in benchmark models, Hugging Face architectures by name and the user-model contract.
 
 Every model follows one contract: a builder returns ``(model, make_batch)`` where
 ``make_batch(batch_size, device)`` returns a tuple and ``model(*batch)`` returns a scalar
 loss. Repeated blocks live in ``model.blocks`` (an ``nn.ModuleList``) so checkpointing
-policies can wrap them; a user model without that attribute has its blocks found (the
-repeated module class holding the most parameters, across every stage), or named with
-``--blocks``.
+policies can wrap them; a user model or an ``hf:`` model without that attribute has its
+blocks found (the repeated module class holding the most parameters, across every stage:
+``hf.transformer.h.*``, ``hf.model.layers.*``), or named with ``--blocks``.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import hf_table
 from .presets import is_user_model, preset_dims
 
 MakeBatch = Callable[[int, torch.device], tuple]
@@ -192,6 +193,45 @@ def build_cnn(dims: dict[str, int]) -> tuple[nn.Module, MakeBatch]:
 _FAMILY_BUILDERS = {"gpt": build_gpt, "mlp": build_mlp, "cnn": build_cnn}
 
 
+# ---------------------------------------------------------------- Hugging Face (hf:NAME)
+class HFCausalLM(nn.Module):
+    """A transformers causal LM under the ``(model, make_batch)`` contract: ``forward(idx,
+    targets)`` returns the scalar loss. Its blocks are the model's own (``hf.transformer.h``,
+    ``hf.model.layers``), found like any user model's.
+
+    The loss is the presets' (cross-entropy of the logits against ``targets``), not the
+    model's ``labels=`` loss: the memory estimate and the FLOPs then treat both alike, and
+    random targets need no shift."""
+
+    def __init__(self, hf: nn.Module, seq_len: int):
+        super().__init__()
+        self.hf = hf
+        self.tokens_per_sample = seq_len
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, vocab)
+        return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+
+
+def build_hf(name: str, overrides: dict | None = None) -> tuple[nn.Module, MakeBatch]:
+    """``hf:NAME`` built from its configuration class with random weights (never downloaded)."""
+    import transformers  # loaded only here: configuration and validation must not pay for it
+
+    config_class, model_class, kwargs = hf_table.config_kwargs(name, overrides)
+    dims = hf_table.dims(name, overrides)
+    config = getattr(transformers, config_class)(**kwargs)
+    model = HFCausalLM(getattr(transformers, model_class)(config), dims["seq_len"])
+    vocab, seq_len = dims["vocab_size"], dims["seq_len"]
+
+    def make_batch(batch_size: int, device: torch.device) -> tuple:
+        idx = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+        targets = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+        return idx, targets
+
+    return model, make_batch
+
+
 # ---------------------------------------------------------------- user models
 def load_user_builder(spec: str) -> Callable[[], tuple]:
     """Import ``module:function`` and return the function (raises ImportError/AttributeError)."""
@@ -217,9 +257,12 @@ def check_contract(built: object, spec: str) -> tuple[nn.Module, MakeBatch]:
 
 
 def build(model_name: str, overrides: dict | None = None) -> tuple[nn.Module, MakeBatch]:
-    """Build a preset (with overrides) or a user ``module:function`` model on the current device."""
+    """Build a preset or ``hf:`` model (with overrides) or a user ``module:function`` model on
+    the current device."""
     if is_user_model(model_name):
         return check_contract(load_user_builder(model_name)(), model_name)
+    if hf_table.is_hf(model_name):
+        return build_hf(model_name, overrides)
     family, dims = preset_dims(model_name, overrides)
     return _FAMILY_BUILDERS[family](dims)
 

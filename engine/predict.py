@@ -9,7 +9,8 @@ Two independent answers to "what is the largest micro-batch that fits in N GiB?"
   what makes it cheap; the allocator's rounding and fragmentation are why a margin is kept.
 * **Analytic** — nothing is run: parameters, gradients and optimizer state are counted
   exactly from the model (built on the meta device, so even gpt-xl costs no memory) and
-  the optimizer, and for the GPT presets the activations come from the per-layer formula of
+  the optimizer, and for the GPT presets and the ``hf:`` transformers (GPT-2, Llama, Qwen2,
+  Mistral) the activations come from the per-layer formula of
   Korthikanti et al. 2022, adapted below to this model.
 
 Both are compared with measurements wherever one exists (``comparison_rows``).
@@ -21,7 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from . import presets
+from . import hf_table, presets
 from .config import GIB, BenchConfig
 from .devices import resolve_device
 from .results import Result
@@ -220,7 +221,7 @@ class AnalyticEstimate:
     ``transient`` is the most that backward adds on top at one time (the loss gradients at
     its start, or one recomputed block). ``peak`` is the larger of the backward and
     optimizer-step totals. Activation fields are None for models without a formula
-    (everything but the GPT presets).
+    (everything but the GPT presets and the ``hf:`` architectures).
     """
 
     params: int
@@ -258,6 +259,14 @@ def _model_facts(config: BenchConfig) -> _ModelFacts | None:
     return _model_facts_cached(config.model, tuple(sorted(config.overrides.items())))
 
 
+def _casts_weight(module) -> bool:
+    """Whether autocast casts ``module``'s weight: Linear and Conv2d, and transformers' Conv1D
+    (GPT-2's projections: a Linear with the weight transposed, run by addmm)."""
+    import torch
+
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or type(module).__name__ == "Conv1D"
+
+
 @functools.lru_cache(maxsize=64)
 def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None:
     """Parameter facts from the model built on the meta device (no memory, any size);
@@ -277,7 +286,7 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
             id(m.weight): m.weight.numel()
             for module in modules
             for m in module.modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.requires_grad
+            if _casts_weight(m) and m.weight.requires_grad
         }
 
     params = {id(p): p for p in model.parameters()}
@@ -327,75 +336,180 @@ def checkpointed_blocks(ckpt: str, k: int, n_blocks: int) -> int:
     return sum(policy.selects(i, n_blocks) for i in range(n_blocks))
 
 
-def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
-    """Bytes one GPTBlock keeps for backward (no checkpointing).
+@dataclass(frozen=True)
+class DecoderShape:
+    """A decoder-only transformer as the activation formula sees it: the GPT presets and the
+    ``hf:`` architectures (GPT-2, Llama, Qwen2, Mistral) differ only in these.
+
+    ``norm``: ``layernorm`` or ``rmsnorm``; ``mlp``: ``gelu`` (one fused kernel), ``gelu_new``
+    (GPT-2's GELU written as Python arithmetic, whose intermediates autograd keeps) or
+    ``swiglu``; ``fused_qkv``: one projection makes q, k and v (GPT) rather than three
+    (Llama); ``tied``: the output head shares the token embedding's weight; ``rope``: rotary
+    position embeddings (cos/sin tables) rather than learned ones; ``position_rows``: rows of
+    the learned position embedding (0 with rotary ones).
+    """
+
+    seq_len: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    inner: int
+    vocab: int
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    fused_qkv: bool = True
+    tied: bool = True
+    rope: bool = False
+    position_rows: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def decoder_shape(config: BenchConfig) -> DecoderShape | None:
+    """The ``DecoderShape`` of ``config``'s model: a GPT preset or an ``hf:`` architecture
+    with its overrides; None for other models (no activation formula)."""
+    if presets.is_user_model(config.model):
+        return None
+    family, dims = presets.preset_dims(config.model, config.overrides)
+    if family == "gpt":
+        h, a = dims["d_model"], dims["n_heads"]
+        return DecoderShape(dims["seq_len"], h, dims["n_layers"], a, a, 4 * h, dims["vocab"],
+                            position_rows=dims["seq_len"])
+    if not hf_table.is_hf(config.model):
+        return None
+    n, fixed = hf_table.names(family), hf_table.arch(config.model).fixed
+    if family == "gpt2":
+        h = dims[n["hidden"]]
+        return DecoderShape(dims["seq_len"], h, dims[n["layers"]], dims[n["heads"]], dims[n["heads"]], 4 * h,
+                            dims[n["vocab"]], mlp=fixed["activation_function"], position_rows=dims["n_positions"])
+    return DecoderShape(dims["seq_len"], dims[n["hidden"]], dims[n["layers"]], dims[n["heads"]], dims[n["kv_heads"]],
+                        dims[n["inner"]], dims[n["vocab"]], norm="rmsnorm", mlp="swiglu", fused_qkv=False,
+                        tied=bool(fixed.get("tie_word_embeddings", False)), rope=True)
+
+
+# Elements per token of the inner (MLP) width that autograd keeps for each MLP kind:
+# gelu: fc output (GELU input) and GELU output; gelu_new, 0.5·x·(1 + tanh(c·(x + 0.044715·x³))):
+# x (kept by pow), tanh's output, 0.5·x and 1 + tanh (kept by the product) and the product
+# (the projection's input); swiglu: gate output (SiLU input), SiLU output, up output and their
+# product (the down projection's input).
+_MLP_SAVED = {"gelu": 2, "gelu_new": 5, "swiglu": 4}
+# Elements per token of the inner width that are matmul outputs (kept by selective checkpointing).
+_MLP_MATMUL_OUT = {"gelu": 1, "gelu_new": 1, "swiglu": 2}
+
+
+def _norm_bytes(shape: DecoderShape) -> int:
+    """Bytes per token one normalisation layer keeps (its input is the fp32 residual stream,
+    fp32 under autocast too: fp32 parameters and residual adds promote). LayerNorm: its input
+    and fp32 mean and rstd. RMSNorm as transformers writes it (x · rsqrt(mean(x²) + eps),
+    then · weight): its input, the normalised x (kept by the weight product) and rstd."""
+    if shape.norm == "layernorm":
+        return _FP32 * shape.hidden + 2 * _FP32
+    return 2 * _FP32 * shape.hidden + _FP32
+
+
+def _matmul_input_bytes(shape: DecoderShape, readers: int, precision: str) -> int:
+    """Bytes per token of a normalisation output read by ``readers`` projections: in fp32 the
+    one output, which each keeps; under autocast each projection casts its own copy (autocast
+    caches casts of weights only), and keeps it."""
+    c = _COMPUTE_BYTES[precision]
+    return shape.hidden * (_FP32 if precision == "fp32" else readers * c)
+
+
+def layer_activation_bytes(shape: DecoderShape, b: int, precision: str) -> int:
+    """Bytes one transformer block keeps for backward (no checkpointing) at micro-batch ``b``.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
     Models", eq. 1: ``sbh(34 + 5as/h)`` bytes per layer, counted for 2-byte activations and
     1-byte dropout masks: 11sbh attention + 19sbh MLP + 4sbh for the two LayerNorm inputs,
     plus 5as²b for the softmax output (2), its dropout mask (1) and dropout output (2).
-    Adapted to this model:
+    Adapted to these models:
 
     * SDPA stores no s×s matrix (flash / memory-efficient kernels keep q, k, v, the output
       and a logsumexp), so the 5as/h term goes; the output projection's input is a view of
       the SDPA output (its memory is already (b, s, a, h/a)), so nothing is added for it.
-    * No dropout: the two 1-byte masks (attention output, MLP output) go: 34 -> 32 bytes,
-      i.e. 16 sbh *elements*: LayerNorm inputs 2, qkv input 1, q/k/v 3, attention output 1,
-      fc input 1, fc output (GELU input) 4, GELU output 4.
-    * Element size instead of Korthikanti's 2 bytes: the two LayerNorm inputs are the
-      residual stream, which stays fp32 under autocast (fp32 parameters, residual adds
-      promote), so 2 elements × 4 B; the other 14 are in the compute dtype (4 B in fp32,
-      2 B in bf16/fp16, where autocast's cast copy, not the fp32 LayerNorm output, is what
-      the next Linear keeps). fp32: 64 sbh bytes, bf16/fp16: 36 sbh bytes per layer.
+      With grouped-query attention k and v have ``kv_heads`` heads (SDPA's ``enable_gqa``
+      never repeats them).
+    * No dropout: the two 1-byte masks (attention output, MLP output) go. For the GPT preset
+      34 -> 32 bytes, i.e. 16 sbh *elements*: LayerNorm inputs 2, qkv input 1, q/k/v 3,
+      attention output 1, fc input 1, fc output (GELU input) 4, GELU output 4.
+    * Element size instead of Korthikanti's 2 bytes: the normalisation inputs are the fp32
+      residual stream (``_norm_bytes``); the rest is in the compute dtype (4 B in fp32, 2 B
+      in bf16/fp16, where autocast's cast copy, not the fp32 norm output, is what the next
+      projection keeps: one per projection, ``_matmul_input_bytes``). GPT preset, fp32:
+      64 sbh bytes, bf16/fp16: 36 sbh bytes per layer.
+    * The MLP keeps what its activation's autograd keeps (``_MLP_SAVED``), per inner element.
     * Small terms Korthikanti drops, kept here because they are exact: LayerNorm mean and
-      rstd (fp32, 2 per LayerNorm: 16sb bytes) and SDPA's logsumexp (fp32, 4asb bytes).
+      rstd (fp32; RMSNorm's rstd) and SDPA's logsumexp (fp32, 4asb bytes).
     """
     c = _COMPUTE_BYTES[precision]
-    sbh = s * b * h
-    return sbh * (2 * _FP32 + 14 * c) + 16 * s * b + 4 * a * s * b
+    d = shape.head_dim
+    per_token = (
+        2 * _norm_bytes(shape)
+        + _matmul_input_bytes(shape, 1 if shape.fused_qkv else 3, precision)
+        + c * (shape.heads + 2 * shape.kv_heads) * d  # q, k, v (SDPA's inputs)
+        + c * shape.heads * d + _FP32 * shape.heads  # SDPA output and logsumexp
+        + _matmul_input_bytes(shape, 2 if shape.mlp == "swiglu" else 1, precision)
+        + c * _MLP_SAVED[shape.mlp] * shape.inner
+    )
+    return shape.seq_len * b * per_token
 
 
-def _gpt_block_input_bytes(s: int, b: int, h: int) -> int:
+def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
+    """Bytes one GPTBlock of the presets keeps for backward (``layer_activation_bytes``)."""
+    return layer_activation_bytes(DecoderShape(s, h, 1, a, a, 4 * h, 1), b, precision)
+
+
+def _block_input_bytes(shape: DecoderShape, b: int) -> int:
     # A checkpointed block keeps only its input: Korthikanti's 2sbh (fp16) is sbh elements;
     # here the residual stream is fp32.
-    return _FP32 * s * b * h
+    return _FP32 * shape.seq_len * b * shape.hidden
 
 
-def _gpt_selective_layer_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
-    # Selective checkpointing saves the block input, the matmul outputs (q/k/v 3,
-    # projection 1, fc 4, fc_proj 1 = 9 sbh elements in the compute dtype) and the attention
-    # kernel's outputs (its output, sbh in the compute dtype, and the fp32 logsumexp, a·s·b),
-    # and recomputes the LayerNorms, GELU and residual adds.
-    return _gpt_block_input_bytes(s, b, h) + 10 * s * b * h * _COMPUTE_BYTES[precision] + 4 * a * s * b
+def _selective_layer_bytes(shape: DecoderShape, b: int, precision: str) -> int:
+    # Selective checkpointing saves the block input, the matmul outputs (q/k/v, the output
+    # projection, the MLP's up projection(s) and down projection: 9 sbh elements for the GPT
+    # preset, in the compute dtype) and the attention kernel's outputs (its output in the
+    # compute dtype and the fp32 logsumexp), and recomputes norms, activations, rotary
+    # embeddings, casts and residual adds.
+    c, d = _COMPUTE_BYTES[precision], shape.head_dim
+    matmul_out = (shape.heads + 2 * shape.kv_heads) * d + shape.hidden + _MLP_MATMUL_OUT[shape.mlp] * shape.inner \
+        + shape.hidden
+    per_token = c * (matmul_out + shape.heads * d) + _FP32 * shape.heads
+    return _block_input_bytes(shape, b) + shape.seq_len * b * per_token
 
 
-def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
-    """inputs, activations and backward transient (bytes) of a GPT preset, with notes."""
-    s, h, L, a, V = dims["seq_len"], dims["d_model"], dims["n_layers"], dims["n_heads"], dims["vocab"]
+def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
+    """inputs, activations and backward transient (bytes) of a decoder model, with notes."""
+    s, h, L, V = shape.seq_len, shape.hidden, shape.layers, shape.vocab
     b, c = batch, _COMPUTE_BYTES[config.precision]
-    full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision)
+    full_layer = layer_activation_bytes(shape, b, config.precision)
     n_ckpt = checkpointed_blocks(config.ckpt, config.k, L)
     per_ckpt = (
-        _gpt_selective_layer_bytes(s, b, h, a, config.precision)
+        _selective_layer_bytes(shape, b, config.precision)
         if config.ckpt == "selective"
-        else _gpt_block_input_bytes(s, b, h)
+        else _block_input_bytes(shape, b)
     )
     blocks = n_ckpt * per_ckpt + (L - n_ckpt) * full_layer
     # cross_entropy runs in fp32 (also under autocast) and keeps its log-probabilities:
     # s·b·vocab fp32, the term that dominates small models.
     log_probs = _FP32 * s * b * V
-    # Head: ln_f input (fp32) and its mean/rstd, lm_head input (compute dtype), positions.
-    head = _FP32 * s * b * h + 8 * s * b + c * s * b * h + _INDEX * s
-    # Autocast keeps the low-precision copy of each Linear weight it cast alive until that
-    # layer's backward; inside a checkpointed block the cast is recomputed, not kept.
+    # Head: the final norm and the lm_head input (compute dtype); position ids (int64), and
+    # with rotary embeddings their fp32 cos and sin tables (s × head_dim each).
+    positions = _INDEX * s + (2 * _FP32 * s * shape.head_dim if shape.rope else 0)
+    head = s * b * (_norm_bytes(shape) + _matmul_input_bytes(shape, 1, config.precision)) + positions
+    # Autocast keeps the low-precision copy of each projection weight it cast alive until
+    # that layer's backward; inside a checkpointed block the cast is recomputed, not kept.
     cast_elems = facts.cast_elems_outside + (L - n_ckpt) * facts.cast_elems_per_block
     casts = c * cast_elems if config.precision != "fp32" else 0
     # At the start of backward nll_loss and log_softmax each produce an s·b·vocab fp32
     # gradient while the log-probabilities are still held: two more of them.
     loss_backward = 2 * log_probs
-    # By the time the last block is recomputed the loss tensors are freed and the tied
-    # embedding's gradient (vocab × d_model, from lm_head) exists; the block's full
-    # activations are rebuilt and the gradient flowing into it (fp32) is alive.
+    # By the time the last block is recomputed the loss tensors are freed and the output
+    # head's gradient (vocab × hidden) exists; the block's full activations are rebuilt and
+    # the gradient flowing into it (fp32) is alive.
     recompute = full_layer + _FP32 * (V * h + s * b * h) - log_probs if n_ckpt else 0
     notes = [
         f"blocks: {L - n_ckpt} kept × {full_layer / GIB:.3g} GiB + {n_ckpt} checkpointed × {per_ckpt / GIB:.3g} GiB",
@@ -437,10 +551,10 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     params = _FP32 * facts.n_params  # parameters stay fp32; autocast casts copies
     grads = _FP32 * facts.n_params  # gradients of fp32 parameters are fp32
     optimizer = optimizer_state_bytes(config.optimizer, facts.n_params, facts.n_param_tensors)
-    if presets.is_user_model(config.model) or presets.PRESETS[config.model][0] != "gpt":
+    shape = decoder_shape(config)
+    if shape is None:
         return AnalyticEstimate(params, grads, optimizer, None, None, None, None, ("no activation formula for this model",))
-    _, dims = presets.preset_dims(config.model, config.overrides)
-    terms = _gpt_activation_terms(dims, b, config, facts)
+    terms = _activation_terms(shape, b, config, facts)
     # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
     # with accumulation the earlier micro-batches' gradients do.
     grads_at_backward = grads if config.accum > 1 else 0
@@ -449,11 +563,11 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
         params + grads + optimizer + terms["inputs"]
         + optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
     )
-    # The last thing backward does is the tied embedding's gradient: lm_head's (vocab ×
-    # d_model) is ready, the embedding lookup's dense one is made, and their sum is a third,
-    # with every other gradient already alive: two vocab × d_model fp32 tensors on top of
-    # all the gradients.
-    tied = 2 * _FP32 * dims["vocab"] * dims["d_model"]
+    # The last thing backward does with tied embeddings is the embedding's gradient: lm_head's
+    # (vocab × hidden) is ready, the embedding lookup's dense one is made, and their sum is a
+    # third, with every other gradient already alive: two vocab × hidden fp32 tensors on top
+    # of all the gradients. Untied, the lookup's gradient is the embedding's own gradient.
+    tied = 2 * _FP32 * shape.vocab * shape.hidden if shape.tied else 0
     end_of_backward = params + grads + optimizer + terms["inputs"] + tied
     peak = max(backward, optimizer_step, end_of_backward)
     notes = list(terms["notes"])

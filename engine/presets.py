@@ -5,6 +5,8 @@ names and dimensions, and must not pay for importing torch to get them.
 """
 from __future__ import annotations
 
+from . import hf_table
+
 # Dimension names and defaults per family; a preset only changes some of them.
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
     "gpt": {"seq_len": 1024, "d_model": 768, "n_layers": 12, "n_heads": 12, "vocab": 50304},
@@ -25,13 +27,20 @@ PRESETS: dict[str, tuple[str, dict[str, int]]] = {
 }
 
 
+# Every model a name picks: the presets, then the Hugging Face architectures (hf:NAME).
+MODELS: tuple[str, ...] = (*PRESETS, *hf_table.hf_names())
+
+
 def is_user_model(name: str) -> bool:
-    """Whether ``name`` is a user's ``module:function`` rather than a preset."""
-    return ":" in name
+    """Whether ``name`` is a user's ``module:function`` rather than a preset or an ``hf:`` name."""
+    return ":" in name and not hf_table.is_hf(name)
 
 
 def preset_dims(name: str, overrides: dict | None = None) -> tuple[str, dict[str, int]]:
-    """Family and full dimension dict of a preset with ``overrides`` applied."""
+    """Family and full dimension dict of a preset or ``hf:`` model with ``overrides`` applied
+    (an ``hf:`` model's family is its transformers family, e.g. ``llama``)."""
+    if hf_table.is_hf(name):
+        return hf_table.arch(name).family, hf_table.dims(name, overrides)
     family, dims = PRESETS[name]
     merged = {**FAMILY_DEFAULTS[family], **dims, **(overrides or {})}
     return family, merged
@@ -41,16 +50,18 @@ def accepted_dimensions(model: str) -> dict[str, int]:
     """The model dimensions ``model`` accepts (its ``--set`` keys) with their values, in a
     stable order; empty for a user's ``module:function`` or a name that is no preset. Forms,
     links and sweep axes ask here, so a new kind of model offers its keys everywhere at once."""
-    if is_user_model(model) or model not in PRESETS:
+    if is_user_model(model) or model not in MODELS:
         return {}
     return preset_dims(model)[1]
 
 
 def dimension_names() -> list[str]:
-    """Every model dimension any preset has (the ``--set`` keys), in a stable order."""
+    """Every model dimension any preset or ``hf:`` model has (the ``--set`` keys), in a stable order."""
     names: dict[str, None] = {}
     for defaults in FAMILY_DEFAULTS.values():
         names.update(dict.fromkeys(defaults))
+    for name in hf_table.hf_names():
+        names.update(dict.fromkeys(hf_table.dims(name)))
     return list(names)
 
 
