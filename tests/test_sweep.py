@@ -36,6 +36,17 @@ def test_model_dimensions_are_axes_crossed_with_fields_and_the_effective_batch()
     assert axis_dimension(dimension_axis("seq_len")) == "seq_len" and axis_dimension("batch") is None
 
 
+def test_a_hugging_face_models_own_config_keys_are_sweep_axes():
+    base = {**CPU, "model": "hf:llama-3.2-1b", "overrides": {"hidden_size": 64, "num_attention_heads": 4,
+                                                             "num_key_value_heads": 2, "intermediate_size": 128}}
+    configs, _ = expand(base, {dimension_axis("num_hidden_layers"): [1, 2], dimension_axis("seq_len"): [16, 32]})
+    assert {(c.overrides["num_hidden_layers"], c.overrides["seq_len"]) for c in configs} == {
+        (n, t) for n in (1, 2) for t in (16, 32)}
+    with pytest.raises(ConfigError) as info:  # a gpt preset's key, not this architecture's
+        expand(base, {dimension_axis("n_layers"): [1, 2]})
+    assert info.value.field == "overrides.n_layers"
+
+
 @pytest.mark.parametrize("base, grid, field, value", [
     (CPU, {"overrides.wings": [1, 2]}, "overrides.wings", 1),  # not a dimension of gpt-tiny
     ({**CPU, "model": "mlp"}, {"overrides.seq_len": [8, 16]}, "overrides.seq_len", 8),  # a gpt dimension, not mlp's
