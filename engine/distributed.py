@@ -135,27 +135,33 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def rank_device(config: BenchConfig, local_rank: int, world_size: int):
+    """This rank's device, set up before anything touches it: on CUDA ``cuda:<local_rank>``
+    of the worker's GPUs, made current and pinned as this process's own GPU (its NVML
+    counters and its environment name it); on the CPU the ranks share the cores."""
+    import torch
+
+    resolved = devices.resolve_device(config.device)
+    if resolved.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        os.environ[devices.PINNED_ENV] = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[local_rank]
+        torch.cuda.set_device(device)
+        return device
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, usable // world_size))
+    return torch.device(resolved)
+
+
 def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: int, run_dir: str) -> dict:
     """Warm up, time and instrument this rank's step as measure.run_benchmark does; the report."""
     import torch
     import torch.distributed as dist
 
     from . import counters, memory, models
-    from .devices import env_info, resolve_device
+    from .devices import env_info
     from .measure import _on_device, _skipped_steps, _time_steps, _warm_up
 
-    resolved = resolve_device(config.device)
-    if resolved.startswith("cuda"):
-        device = torch.device("cuda", local_rank)
-        # The worker sees the run's GPUs; this rank's own is the local_rank-th, and that is
-        # the GPU its NVML counters and its environment name.
-        os.environ[devices.PINNED_ENV] = os.environ["CUDA_VISIBLE_DEVICES"].split(",")[local_rank]
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(resolved)
-        # The ranks share the CPU's cores.
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, usable // world_size))
+    device = rank_device(config, local_rank, world_size)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=config.timeout_s),
                             device_id=device if device.type == "cuda" else None)

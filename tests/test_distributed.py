@@ -318,3 +318,49 @@ def _open_fds(channel):
         with contextlib.suppress(OSError):
             paths.append(os.readlink(f"/proc/self/fd/{fd}"))
     return [os.path.basename(p).split(".")[0] for p in paths if p.endswith(".ticket")]
+
+
+# ------------------------------------------------------------------ the analytic estimate
+def test_the_estimate_knows_ddp_replicas_with_buckets_and_fsdp_shards_with_one_gathered_unit():
+    from engine import models
+    from engine.predict import analytic_estimate
+
+    base = BenchConfig(model="gpt-small", batch=4, device="cpu")
+    one = analytic_estimate(base)
+    replicated = analytic_estimate(base.replace(nproc=4, parallel="ddp"))
+    assert (replicated.params, replicated.grads, replicated.optimizer) == (one.params, one.grads, one.optimizer)
+    assert replicated.data_parallel == one.grads  # the buckets: one more copy of the gradients
+    assert replicated.peak == one.peak + one.grads
+
+    sharded = analytic_estimate(base.replace(nproc=4, parallel="fsdp"))
+    assert sharded.params * 4 == pytest.approx(one.params, abs=4) and sharded.optimizer * 4 == pytest.approx(one.optimizer, abs=4)
+    with torch.device("meta"):
+        model, _ = models.build("gpt-small", {})
+    blocks = models.find_blocks(model).modules
+    block = sum(p.numel() for p in blocks[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - len(blocks) * block
+    assert sharded.data_parallel == 4 * max(block, root)  # fp32, the largest unit gathered whole
+    assert sharded.peak < one.peak < replicated.peak
+    kept = analytic_estimate(base.replace(nproc=4, parallel="fsdp", reshard=False))
+    assert kept.data_parallel == one.params and kept.peak > sharded.peak
+    assert any(note.startswith("FSDP: ") for note in sharded.notes)
+
+
+def test_a_cuda_rank_uses_its_own_gpu_of_the_workers_and_names_it(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    monkeypatch.setenv(devices.PINNED_ENV, "GPU-aaaa,GPU-bbbb")  # as the worker was pinned
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    device = distributed.rank_device(BenchConfig(device="cuda", nproc=2, parallel="ddp"), 1, 2)
+    assert device == torch.device("cuda", 1) and current == [device]
+    assert devices.device_key(str(device)) == "GPU-bbbb"  # its NVML counters and env name its GPU
+
+
+def test_a_sweep_at_an_effective_batch_counts_every_rank():
+    from engine.sweep import expand
+
+    configs, notes = expand({"model": "gpt-tiny", "device": "cpu", "nproc": 2, "parallel": "ddp"},
+                            {"batch": [1, 2, 4, 8]}, effective_batch=8)
+    assert [(c.batch, c.accum) for c in configs] == [(1, 4), (2, 2), (4, 1)]
+    assert all(c.effective_batch == 8 for c in configs)
+    assert notes == ["batch 8 × 2 ranks skipped: does not divide effective batch 8"]

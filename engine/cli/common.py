@@ -175,7 +175,8 @@ def _ms(summary) -> str:
 
 def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
-    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+    ranks = f" {config.parallel}x{config.nproc}" if config.distributed else ""
+    return f"{config.model} b{config.batch}x{config.accum}{ranks} {config.precision} ckpt={ckpt}"
 
 
 def result_line(result: Result) -> str:
