@@ -162,8 +162,10 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
     from .measure import _on_device, _skipped_steps, _time_steps, _warm_up
 
     device = rank_device(config, local_rank, world_size)
+    # The run's own timeout (the worker's) decides that a run hangs; a collective's timeout
+    # beyond it only bounds a rank that somehow lost its worker.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=config.timeout_s),
+                            timeout=datetime.timedelta(seconds=2 * config.timeout_s + 60),
                             device_id=device if device.type == "cuda" else None)
     progress_file = open(os.path.join(run_dir, _PROGRESS_FILE), "a", encoding="utf-8") if rank == 0 else None
 
@@ -271,6 +273,18 @@ def _earliest_failure(run_dir: str, world_size: int) -> dict | None:
     return min(failures, key=lambda failure: failure["time"]) if failures else None
 
 
+def death_words(failures: dict) -> str:
+    """How ranks died that wrote no failure of their own (the launcher's ``ProcessFailure``s
+    by global rank): "rank 1 died: exit code 3", "rank 0 died: killed by signal SIGKILL"."""
+    def how(failure) -> str:
+        if failure.exitcode < 0:
+            hint = " (on Linux often the kernel's out-of-memory killer)" if failure.exitcode == -signal.SIGKILL else ""
+            return f"killed by signal {failure.signal_name()}{hint}"
+        return f"exit code {failure.exitcode}"
+
+    return "; ".join(f"rank {rank} died: {how(failure)}" for rank, failure in sorted(failures.items()))
+
+
 def _local_env(config: BenchConfig) -> dict:
     """What the worker knows without touching a device (a CUDA context in the agent would sit
     on a GPU being measured)."""
@@ -327,7 +341,7 @@ def benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result
         except ChildFailedError as exc:
             failure = _earliest_failure(run_dir, config.nproc)
             if failure is None:  # killed or crashed before it could say why
-                status, message = "error", f"a rank died: {exc}"
+                status, message = "error", death_words(exc.failures)
             else:
                 status, message = failure["status"], f"rank {failure['rank']}: {failure['message']}"
             return Result.new(config, status, _local_env(config), error=message[:4000])

@@ -364,3 +364,12 @@ def test_a_sweep_at_an_effective_batch_counts_every_rank():
     assert [(c.batch, c.accum) for c in configs] == [(1, 4), (2, 2), (4, 1)]
     assert all(c.effective_batch == 8 for c in configs)
     assert notes == ["batch 8 × 2 ranks skipped: does not divide effective batch 8"]
+
+
+def test_a_rank_that_dies_without_a_word_is_named_with_how_it_died():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failures = {1: ProcessFailure(1, 101, 3, ""), 0: ProcessFailure(0, 100, -9, "")}
+    assert distributed.death_words(failures) == (
+        "rank 0 died: killed by signal SIGKILL (on Linux often the kernel's out-of-memory killer); "
+        "rank 1 died: exit code 3")
