@@ -24,6 +24,7 @@ kernel to kill it when its parent (the worker) dies, goes with it. No rank outli
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -123,6 +124,18 @@ def resident_bytes(step) -> dict[str, int]:
     return {"params": params, "optimizer": state}
 
 
+def ddp_bucket_bytes(model) -> int:
+    """Bytes of DDP's gradient buckets (flat all-reduce buffers it allocates when it wraps the
+    model, a second copy of the gradients unless they are views into the buckets); 0 for
+    anything but DDP. A tensor tracker started later never sees them."""
+    if not hasattr(model, "_get_ddp_logging_data"):
+        return 0
+    data = model._get_ddp_logging_data()
+    if data.get("gradient_as_bucket_view"):
+        return 0
+    return sum(int(size) for size in str(data.get("bucket_sizes", "")).split(",") if size.strip())
+
+
 def _die_with_parent() -> None:
     """Have the kernel kill this rank when the worker that launched it dies (Linux), and
     leave at once if it already has: a timed-out run's ranks must not stay on the device."""
@@ -192,6 +205,8 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
             breakdown = memory.memory_breakdown(step)
             emit(Progress("breakdown", 1, 1))
             if device.type == "cpu":
+                # On CUDA the allocator's peak already holds the buckets (in "other").
+                breakdown = dataclasses.replace(breakdown, other=breakdown.other + ddp_bucket_bytes(step.model))
                 counters.check_cpu_cap(config.memory_cap_gib, breakdown.total)
             module = getattr(step.model, "module", step.model)  # DDP holds the model as .module
             c = device_counters

@@ -59,6 +59,7 @@ def _rank_grads_and_state(config_dict):
             # DDP names parameters "module.<name>"; FSDP keeps the model's own names.
             grads = {name.removeprefix("module."): g.numpy() for name, g in timer.grads.items()}
             out[parallel] = {"grads": grads, "resident": distributed.resident_bytes(step),
+                             "buckets": distributed.ddp_bucket_bytes(step.model),
                              "batches": [tuple(t.numpy() for t in batch) for batch in step.batches]}
         return out
     finally:
@@ -93,6 +94,9 @@ def test_ddp_and_fsdp_gradients_equal_one_process_with_accumulation_2_and_fsdp_s
                 torch.testing.assert_close(torch.from_numpy(grads[name]), expected, rtol=1e-4, atol=1e-6,
                                            msg=f"{parallel} rank {rank}: {name}")
 
+    # DDP's buckets hold one more copy of the gradients; FSDP has none.
+    assert ranks[0]["ddp"]["buckets"] == 4 * sum(p.numel() for p in model.parameters())
+    assert ranks[0]["fsdp"]["buckets"] == 0
     ddp_state = ranks[0]["ddp"]["resident"]
     for rank in (0, 1):
         fsdp_state = ranks[rank]["fsdp"]["resident"]
@@ -211,7 +215,7 @@ def test_a_rank_out_of_memory_makes_the_run_oom_and_leaves_no_rank_behind(warm):
 def test_a_hanging_rank_times_out_and_every_rank_is_killed(warm):
     warm.start()
     pid = warm.pid
-    result = warm.run(ddp(model="tests.helper_models:hangs_on_rank_1", overrides={}, timeout_s=25.0))
+    result = warm.run(ddp(model="tests.helper_models:hangs_on_rank_1", overrides={}, timeout_s=20.0))
     assert result.status == "timeout"
     ranks = _rank_pids(pid)
     assert len(ranks) == 2 and _gone(ranks)  # the worker was killed, and its ranks with it
