@@ -45,6 +45,7 @@ from .stats import Summary
 _CONFIG_FILE = "config.json"
 _PROGRESS_FILE = "progress.txt"
 _POLL_S = 0.2
+_RUN_DIR_PREFIX = "tradeoff-lab-ranks-"  # + the worker's pid + a random part
 
 
 def data_seed(seed: int, rank: int) -> int:
@@ -312,6 +313,30 @@ def _local_env(config: BenchConfig) -> dict:
             "cpu": devices.cpu_model_name(), "host_id": devices.this_host_id()}
 
 
+def _remove_stale_run_dirs() -> None:
+    """Remove the run directories of workers that are gone: a worker killed for a timeout
+    never removes its own."""
+    import shutil
+
+    parent = tempfile.gettempdir()
+    for name in os.listdir(parent):
+        if not name.startswith(_RUN_DIR_PREFIX):
+            continue
+        pid = name[len(_RUN_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def launch_ranks(config: BenchConfig, run_dir: str) -> None:
     """Start ``config.nproc`` rank processes on this host with torch.distributed's launcher
     and wait for them; raises ``ChildFailedError`` when one fails (after the launcher has
@@ -345,7 +370,8 @@ def benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     emit = progress or (lambda event: None)
-    with tempfile.TemporaryDirectory(prefix="tradeoff-lab-ranks-") as run_dir:
+    _remove_stale_run_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-") as run_dir:
         _write_json(os.path.join(run_dir, _CONFIG_FILE), config.to_dict())
         done = threading.Event()
         forwarder = threading.Thread(target=_forward_progress, daemon=True,

@@ -377,3 +377,19 @@ def test_a_rank_that_dies_without_a_word_is_named_with_how_it_died():
     assert distributed.death_words(failures) == (
         "rank 0 died: killed by signal SIGKILL (on Linux often the kernel's out-of-memory killer); "
         "rank 1 died: exit code 3")
+
+
+def test_run_directories_of_workers_that_are_gone_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"tradeoff-lab-ranks-{int(gone.stdout)}-abc"  # a worker killed for a timeout
+    live = tmp_path / f"tradeoff-lab-ranks-{os.getpid()}-def"
+    other = tmp_path / "something-else"
+    for directory in (stale, live, other):
+        (directory / "logs").mkdir(parents=True)
+    distributed._remove_stale_run_dirs()
+    assert not stale.exists() and live.exists() and other.exists()
