@@ -258,7 +258,17 @@ class TrainingStep:
 
 def build_step(config) -> TrainingStep:
     """The config's ``TrainingStep`` on its device, as every benchmark builds it: seeded,
-    parameters created on the device (not copied there), batches made there."""
+    parameters created on the device (not copied there), batches made there.
+
+    One process only: a data-parallel config's ranks each build theirs
+    (``engine.distributed.build_rank_step``), so a tool that would measure one process of it
+    (the memory timeline, the pitfall demo) refuses it rather than show misleading figures.
+    """
+    if getattr(config, "distributed", False):
+        from .config import ConfigError
+
+        raise ConfigError("parallel", config.parallel, "none here: this measures one process (data-parallel "
+                          "configurations run with `run` and `sweep`)")
     device = torch.device(resolve_device(config.device))
     torch.manual_seed(config.seed)
     with device:

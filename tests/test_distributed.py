@@ -393,3 +393,10 @@ def test_run_directories_of_workers_that_are_gone_are_removed(tmp_path, monkeypa
         (directory / "logs").mkdir(parents=True)
     distributed._remove_stale_run_dirs()
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_single_process_tool_refuses_a_data_parallel_config():
+    from engine.step import build_step
+
+    with pytest.raises(ConfigError, match=r"^parallel: invalid value 'ddp'; allowed: none here: this measures one process"):
+        build_step(ddp())
