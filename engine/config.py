@@ -37,7 +37,6 @@ Parallel = Literal["none", "ddp", "fsdp"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
-PARALLELS: tuple[str, ...] = typing.get_args(Parallel)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # Integers beyond int64 cannot be stored in SQLite or handed to torch.
 _INT_LIMIT = 2**63 - 1
@@ -266,8 +265,6 @@ class BenchConfig:
 
 def parallel_words(parallel: str, nproc: int, reshard: bool = True) -> str:
     """Data parallelism in words ("DDP × 2 ranks", "FSDP × 4 ranks, no reshard")."""
-    if parallel == "none":
-        return "one process"
     words = f"{parallel.upper()} × {nproc} rank{'s' if nproc != 1 else ''}"
     return words + (", no reshard" if parallel == "fsdp" and not reshard else "")
 
