@@ -157,6 +157,8 @@ def _widget(field: ConfigField, values: dict):
                   disabled=not field.applies(current), **PERSIST)
     if field.choices:
         return st.selectbox(options=field.choices, format_func=lambda c: spec.choice_words.get(c, c), **common)
+    if field.kind is bool:
+        return st.checkbox(**common)
     highest = _maximum(field)
     if field.kind is int:
         return st.number_input(min_value=None if spec.minimum is None else int(spec.minimum),
@@ -190,6 +192,9 @@ def config_form() -> BenchConfig | None:
             if field.name == "accum":
                 batch, accum = values["batch"], values["accum"]
                 st.caption(f"Effective batch: {batch} × {accum} = **{batch * accum}**")
+            if field.name == "nproc" and values["nproc"] > 1:
+                batch, accum, nproc = values["batch"], values["accum"], values["nproc"]
+                st.caption(f"Effective batch: {batch} × {accum} × {nproc} ranks = **{batch * accum * nproc}**")
     try:
         config = BenchConfig(**values)
         check_runnable(config)  # the machine's checks: device present, cap fits it, user model imports

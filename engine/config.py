@@ -33,6 +33,7 @@ def gib_words(num_bytes: float) -> str:
 Precision = Literal["fp32", "fp16", "bf16"]
 CkptPolicy = Literal["none", "full", "every-k", "selective"]
 Optimizer = Literal["adamw", "sgd"]
+Parallel = Literal["none", "ddp", "fsdp"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -142,6 +143,20 @@ def _check_warmup(config: "BenchConfig") -> None:
                           + ("; GradScaler calibrates its loss scale" if config.precision == "fp16" else "") + ")")
 
 
+def _check_parallel(config: "BenchConfig") -> None:
+    """Several ranks need a data-parallel wrapper; one rank may still have one (it measures
+    the wrapper's own cost: DDP's bucketing hooks, FSDP's all-gathers of a group of one)."""
+    if config.parallel == "none" and isinstance(config.nproc, int) and config.nproc > 1:
+        raise ConfigError("parallel", config.parallel,
+                          f"ddp or fsdp with nproc {config.nproc} (several ranks need a data-parallel wrapper), "
+                          "or nproc 1")
+    if config.parallel == "fsdp" and config.precision == "fp16":
+        # GradScaler would find inf/NaN in one rank's shard only, and that rank alone
+        # would skip the step.
+        raise ConfigError("precision", config.precision, "fp32 or bf16 with FSDP (fp16's GradScaler checks each "
+                          "rank's gradient shard on its own)")
+
+
 _BLOCKS_ALLOWED = "module paths or fnmatch patterns separated by spaces (letters, digits, _ . * ? [ ] -), or none"
 _BLOCKS_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]\- ]{1,500}$")
 
@@ -189,6 +204,16 @@ class BenchConfig:
     timeout_s: float = setting(600.0, label="Timeout (s)", flag="--timeout", unit="seconds", minimum=0,
                                minimum_exclusive=True, step=30.0, help="wall-clock limit for the run (seconds)")
     seed: int = setting(0, label="Seed", help="random seed", minimum=0)
+    nproc: int = setting(1, label="Processes (ranks)", help="data-parallel ranks, one GPU each on CUDA "
+                         "(each trains on its own micro-batches)", minimum=1, sweep="1,2")
+    parallel: Parallel = setting("none", label="Data parallel", help="how the ranks share the model: DDP "
+                                 "(replicated) or FSDP (sharded, torch.distributed.fsdp.fully_shard)",
+                                 sweep="ddp,fsdp", check=_check_parallel,
+                                 choice_words={"ddp": "DDP (replicated)", "fsdp": "FSDP (sharded)"})
+    reshard: bool = setting(True, label="FSDP: reshard after forward",
+                            help="FSDP frees the gathered parameters after forward and gathers them again "
+                                 "in backward (less memory, more communication)",
+                            sweep="true,false", applies_when=("parallel", ("fsdp",)))
 
     def __post_init__(self) -> None:
         for config_field in CONFIG_FIELDS:
@@ -197,8 +222,13 @@ class BenchConfig:
     # -- derived values and (de)serialisation -------------------------------------------
     @property
     def effective_batch(self) -> int:
-        """Samples per optimizer step: micro-batch × accumulation steps."""
-        return self.batch * self.accum
+        """Samples per optimizer step: micro-batch × accumulation steps × ranks."""
+        return self.batch * self.accum * self.nproc
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run goes through torch.distributed (ranks launched by its launcher)."""
+        return self.parallel != "none"
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict of every field."""
@@ -234,7 +264,22 @@ class BenchConfig:
         parts += [f"batch {self.batch} × accum {self.accum}", self.precision, ckpt_words(self.ckpt, self.k)]
         if self.optimizer != "adamw":
             parts.append(self.optimizer)
+        if self.distributed:
+            parts.append(parallel_words(self.parallel, self.nproc, self.reshard))
         return ", ".join(parts)
+
+
+def parallel_words(parallel: str, nproc: int, reshard: bool = True) -> str:
+    """Data parallelism in words ("DDP × 2 ranks", "FSDP × 4 ranks, no reshard")."""
+    words = f"{parallel.upper()} × {nproc} rank{'s' if nproc != 1 else ''}"
+    return words + (", no reshard" if parallel == "fsdp" and not reshard else "")
+
+
+def gpus_needed(config: BenchConfig) -> int:
+    """GPUs one run of ``config`` occupies (what a scheduler such as Ray reserves): one per
+    rank on CUDA, none on the CPU or MPS. ``auto`` counts as CUDA where a GPU is present."""
+    device = devices.resolve_device(config.device) if config.device == "auto" else config.device
+    return config.nproc if device.startswith("cuda") else 0
 
 
 def ckpt_words(ckpt: str, k: int) -> str:
@@ -255,7 +300,7 @@ def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | Non
 class ConfigField:
     """One BenchConfig field as front ends see it: its name, type, default and ``FieldSpec``.
 
-    ``kind`` is ``int``, ``float``, ``str`` or ``dict``; ``choices`` the allowed values of a
+    ``kind`` is ``int``, ``float``, ``bool``, ``str`` or ``dict``; ``choices`` the allowed values of a
     ``Literal`` field; ``nullable`` whether None (written "none") is allowed.
     """
 
@@ -275,6 +320,8 @@ class ConfigField:
         """What this field allows, in words (the tail of its ConfigError)."""
         if self.choices:
             return ", ".join(self.choices)
+        if self.kind is bool:
+            return "true or false"
         if self.kind is int:
             low, high = self.spec.minimum, self.spec.maximum
             return f"an integer >= {low:g}" if high is None else f"an integer from {low:g} to {high:g}"
@@ -292,6 +339,9 @@ class ConfigField:
             return
         if self.choices is not None:
             if not isinstance(value, str) or value not in self.choices:
+                raise ConfigError(self.name, value, self.allowed())
+        elif self.kind is bool:
+            if not isinstance(value, bool):
                 raise ConfigError(self.name, value, self.allowed())
         elif self.kind is int:
             _check_int(self.name, value, self.spec.minimum, self.spec.maximum if self.spec.maximum is not None else _INT_LIMIT)
@@ -316,6 +366,11 @@ class ConfigField:
         text = text.strip()
         if self.nullable and text.lower() in ("none", ""):
             return None
+        if self.kind is bool:
+            words = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+            if text.lower() not in words:
+                raise ConfigError(self.name, text, self.allowed())
+            return words[text.lower()]
         if self.kind is int:
             # Bounded before int(): a 30-digit string would otherwise reach torch as a size.
             if not re.fullmatch(r"[+-]?\d{1,19}", text):
@@ -335,6 +390,8 @@ class ConfigField:
         """``value`` as text that ``parse`` reads back."""
         if value is None:
             return "none"
+        if self.kind is bool:
+            return "true" if value else "false"
         if self.kind is float:
             return f"{value:g}"
         return str(value)
@@ -414,6 +471,7 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
 
     limits.check_limits(config)
     _check_device_present(config.device)
+    _check_gpus_for_ranks(config)
     resolved = devices.resolve_device(config.device)
     if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision):
         _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
@@ -444,6 +502,20 @@ def _check_device_present(device: str) -> None:
             raise ConfigError("device", device, f"cuda:0 .. cuda:{count - 1}")
     if device == "mps" and not devices.mps_available():
         raise ConfigError("device", device, "auto, cpu, cuda (MPS is not available)")
+
+
+def _check_gpus_for_ranks(config: BenchConfig) -> None:
+    """On CUDA each rank has its own GPU: the ``nproc`` GPUs from the config's device on."""
+    needed = gpus_needed(config)
+    if needed <= 1:
+        return
+    count = devices.cuda_device_count()
+    resolved = devices.resolve_device(config.device)
+    first = int(resolved.split(":")[1]) if ":" in resolved else 0
+    if first + needed > count:
+        where = f"from cuda:{first} on" if first else "here"
+        raise ConfigError("nproc", config.nproc, f"at most {count - first} (one GPU per rank; {count - first} "
+                          f"CUDA GPU{'s are' if count - first != 1 else ' is'} visible {where})")
 
 
 def _check_user_model(spec: str) -> None:

@@ -126,25 +126,45 @@ def cuda_gpu(device: str) -> CudaGpu:
 def device_key(device: str) -> str:
     """What identifies the physical device behind ``device``: its GPU UUID for CUDA (so
     ``auto``, ``cuda`` and ``cuda:0`` are one key), else the device type ("cpu", "mps")."""
+    return device_keys(device)[0]
+
+
+def _run_gpus(device: str, count: int) -> tuple[CudaGpu, ...]:
+    """The ``count`` CUDA GPUs a run on resolved ``device`` uses: that GPU and the next ones
+    (a data-parallel run has one GPU per rank). IndexError if there are not that many."""
+    first = int(device.split(":")[1]) if ":" in device else 0
+    gpus = cuda_gpus()[first:first + count]
+    if len(gpus) < count:
+        raise IndexError(f"{count} GPUs from cuda:{first} on: only {len(gpus)} are visible")
+    return gpus
+
+
+def device_keys(device: str, count: int = 1) -> tuple[str, ...]:
+    """The keys (``device_key``) of every device a run of ``count`` ranks on ``device`` holds:
+    on CUDA one GPU per rank, from ``device`` on; elsewhere the one device every rank shares."""
     resolved = resolve_device(device)
-    if resolved.startswith("cuda"):
-        if PINNED_ENV in os.environ:
-            return os.environ[PINNED_ENV]
-        return cuda_gpu(resolved).key
-    return resolved
+    if not resolved.startswith("cuda"):
+        return (resolved,)
+    if PINNED_ENV in os.environ:
+        return (os.environ[PINNED_ENV],)
+    return tuple(gpu.key for gpu in _run_gpus(resolved, count))
 
 
-def visible_devices_for(device: str) -> str | None:
-    """The CUDA_VISIBLE_DEVICES value that makes ``device`` a worker's only GPU (its UUID,
-    else its entry in this process's CUDA_VISIBLE_DEVICES); None for cpu and mps."""
+def visible_devices_for(device: str, count: int = 1) -> str | None:
+    """The CUDA_VISIBLE_DEVICES value that makes ``device`` (and, for ``count`` ranks, the
+    next GPUs) a worker's only GPUs: their UUIDs, else their entries in this process's
+    CUDA_VISIBLE_DEVICES, comma-separated; None for cpu and mps."""
     resolved = resolve_device(device)
     if not resolved.startswith("cuda"):
         return None
-    gpu = cuda_gpu(resolved)
-    if gpu.uuid:
-        return gpu.uuid
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return inherited.split(",")[gpu.index].strip() if inherited else str(gpu.index)
+
+    def visible(gpu: CudaGpu) -> str:
+        if gpu.uuid:
+            return gpu.uuid
+        return inherited.split(",")[gpu.index].strip() if inherited else str(gpu.index)
+
+    return ",".join(visible(gpu) for gpu in _run_gpus(resolved, count))
 
 
 def device_capacity_bytes(device: str) -> int | None:
@@ -153,7 +173,8 @@ def device_capacity_bytes(device: str) -> int | None:
         if PINNED_ENV in os.environ:
             import torch
 
-            return int(torch.cuda.get_device_properties(0).total_memory)
+            # A rank of a data-parallel run sees all of its run's GPUs and uses cuda:<rank>.
+            return int(torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory)
         return cuda_gpu(device).total_memory
     if device == "cpu":
         try:
@@ -274,7 +295,8 @@ def env_info(device: str) -> dict:
 
 
 def pin_this_process(visible: str) -> None:
-    """Make this (worker) process see exactly one GPU, before CUDA initialises: every CUDA
-    device then resolves to its ``cuda:0``."""
+    """Make this (worker) process see exactly its GPUs (one, or a data-parallel run's, comma-
+    separated), before CUDA initialises: every CUDA device then resolves to its ``cuda:0``
+    (a rank of a data-parallel run uses ``cuda:<rank>`` explicitly)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = visible
     os.environ[PINNED_ENV] = visible

@@ -7,7 +7,7 @@ each check so a test or an operator can change them), and they never apply to re
 stored results: a teammate's file with more steps still imports and draws.
 
 - ``check_limits(config)`` and ``check_field_limit(name, value)``: per-field caps (batch,
-  accum, warm-up, steps, timeout), a ConfigError naming the field, the value and the limit.
+  accum, warm-up, steps, timeout, ranks), a ConfigError naming the field, the value and the limit.
 - ``max_sweep()``: the most configurations one sweep may expand to (``sweep.expand``).
 - ``check_memory(config)``: refuses a configuration whose analytic peak memory is several
   times the device's memory (or cap), before a worker is started for it.
@@ -45,6 +45,7 @@ FIELD_LIMITS: tuple[Limit, ...] = (
     Limit("warmup", "TRADEOFF_LAB_MAX_WARMUP", 100, "most warm-up steps"),
     Limit("steps", "TRADEOFF_LAB_MAX_STEPS", 1000, "most measured steps"),
     Limit("timeout_s", "TRADEOFF_LAB_MAX_TIMEOUT_S", 3600, "longest timeout, in seconds"),
+    Limit("nproc", "TRADEOFF_LAB_MAX_NPROC", 8, "most data-parallel ranks (processes) one run may start"),
 )
 LIMITS_BY_FIELD: dict[str, Limit] = {limit.name: limit for limit in FIELD_LIMITS}
 MAX_SWEEP = Limit("sweep", "TRADEOFF_LAB_MAX_SWEEP", 1000, "most configurations in one sweep")

@@ -222,6 +222,11 @@ class AnalyticEstimate:
     its start, or one recomputed block). ``peak`` is the larger of the backward and
     optimizer-step totals. Activation fields are None for models without a formula
     (everything but the GPT presets and the ``hf:`` architectures).
+
+    A data-parallel run's figures are one rank's: ``params``/``grads``/``optimizer`` are its
+    share (all of them with DDP, 1/N with FSDP), and ``data_parallel`` is what the wrapper
+    adds for the whole step (DDP's gradient buckets; FSDP's largest gathered unit, or every
+    unit without resharding after forward).
     """
 
     params: int
@@ -232,13 +237,15 @@ class AnalyticEstimate:
     transient: int | None
     peak: int | None
     notes: tuple[str, ...] = field(default=())
+    data_parallel: int = 0
 
     def peak_bound(self) -> tuple[int, str]:
         """(bytes, "about") from the full estimate, else (bytes, "at least") from what is exact
-        for every model: parameters, gradients and optimizer state, a lower bound of the peak."""
+        for every model: parameters, gradients and optimizer state (and what data parallelism
+        keeps beside them), a lower bound of the peak."""
         if self.peak is not None:
             return self.peak, "about"
-        return self.params + self.grads + self.optimizer, "at least"
+        return self.params + self.grads + self.optimizer + self.data_parallel, "at least"
 
     def to_dict(self) -> dict:
         return asdict(self) | {"notes": list(self.notes)}
@@ -253,6 +260,9 @@ class _ModelFacts:
     cast_elems_per_block: int
     cast_elems_outside: int
     batch_norm_layers: tuple[str, ...]
+    # FSDP's units are the blocks and the root (everything outside them): the most
+    # parameters one unit gathers at a time.
+    largest_unit_params: int = 0
 
 
 def _model_facts(config: BenchConfig) -> _ModelFacts | None:
@@ -294,12 +304,15 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
     in_blocks = cast_weights(blocks.modules) if blocks is not None else {}
     outside = {key: n for key, n in cast_weights([model]).items() if key not in in_blocks}
     n_blocks = len(blocks.paths) if blocks is not None else 0
+    block_params = [sum(p.numel() for p in module.parameters()) for module in (blocks.modules if blocks else ())]
+    n_params = sum(p.numel() for p in params.values())
     return _ModelFacts(
         n_params=sum(p.numel() for p in params.values()),
         n_param_tensors=len(params),
         cast_elems_per_block=sum(in_blocks.values()) // max(1, n_blocks),
         cast_elems_outside=sum(outside.values()),
         batch_norm_layers=tuple(models.batch_norm_layers(model)),
+        largest_unit_params=max(block_params + [n_params - sum(block_params)]),
     )
 
 
@@ -551,31 +564,56 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     params = _FP32 * facts.n_params  # parameters stay fp32; autocast casts copies
     grads = _FP32 * facts.n_params  # gradients of fp32 parameters are fp32
     optimizer = optimizer_state_bytes(config.optimizer, facts.n_params, facts.n_param_tensors)
+    opt_transient = optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
+    params, grads, optimizer, opt_transient, extra, dp_notes = _data_parallel_terms(
+        config, facts, params, grads, optimizer, opt_transient)
     shape = decoder_shape(config)
     if shape is None:
-        return AnalyticEstimate(params, grads, optimizer, None, None, None, None, ("no activation formula for this model",))
+        return AnalyticEstimate(params, grads, optimizer, None, None, None, None,
+                                ("no activation formula for this model", *dp_notes), extra)
     terms = _activation_terms(shape, b, config, facts)
     # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
     # with accumulation the earlier micro-batches' gradients do.
     grads_at_backward = grads if config.accum > 1 else 0
     backward = params + optimizer + grads_at_backward + terms["inputs"] + terms["activations"] + terms["transient"]
-    optimizer_step = (
-        params + grads + optimizer + terms["inputs"]
-        + optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
-    )
+    optimizer_step = params + grads + optimizer + terms["inputs"] + opt_transient
     # The last thing backward does with tied embeddings is the embedding's gradient: lm_head's
     # (vocab × hidden) is ready, the embedding lookup's dense one is made, and their sum is a
     # third, with every other gradient already alive: two vocab × hidden fp32 tensors on top
     # of all the gradients. Untied, the lookup's gradient is the embedding's own gradient.
     tied = 2 * _FP32 * shape.vocab * shape.hidden if shape.tied else 0
     end_of_backward = params + grads + optimizer + terms["inputs"] + tied
-    peak = max(backward, optimizer_step, end_of_backward)
-    notes = list(terms["notes"])
-    if peak == end_of_backward:
+    # The wrapper's memory (DDP's buckets, FSDP's gathered units) is there for the whole step.
+    single_process_peak = max(backward, optimizer_step, end_of_backward)
+    peak = single_process_peak + extra
+    notes = list(terms["notes"]) + dp_notes
+    if tied and single_process_peak == end_of_backward:
         notes.append(f"peak at the end of backward: the tied embedding's gradient adds {tied / GIB:.3g} GiB to all the gradients")
     return AnalyticEstimate(
-        params, grads, optimizer, terms["inputs"], terms["activations"], terms["transient"], peak, tuple(notes),
+        params, grads, optimizer, terms["inputs"], terms["activations"], terms["transient"], peak, tuple(notes), extra,
     )
+
+
+def _data_parallel_terms(config: BenchConfig, facts: _ModelFacts, params: int, grads: int, optimizer: int,
+                         opt_transient: int) -> tuple[int, int, int, int, int, list[str]]:
+    """One rank's (params, grads, optimizer, optimizer-step transient, wrapper bytes, notes).
+
+    DDP replicates everything and all-reduces gradients through flat buckets that together
+    hold one more copy of the gradients (``gradient_as_bucket_view`` is off by default).
+    FSDP keeps 1/N of parameters, gradients and optimizer state (the optimizer steps on the
+    shards); one unit's parameters are gathered whole at a time (its largest), or, when
+    units do not reshard after forward, every unit's until its backward.
+    """
+    if config.parallel == "ddp":
+        return params, grads, optimizer, opt_transient, grads, [
+            f"DDP: {config.nproc} replicas, all-reduce buckets of {grads / GIB:.3g} GiB (one more copy of the gradients)"]
+    if config.parallel == "fsdp":
+        n = config.nproc
+        gathered = _FP32 * (facts.largest_unit_params if config.reshard else facts.n_params)
+        what = "the largest unit" if config.reshard else "every unit (no reshard after forward)"
+        return (-(-params // n), -(-grads // n), -(-optimizer // n), -(-opt_transient // n), gathered,
+                [f"FSDP: parameters, gradients and optimizer state / {n}, plus {what} gathered: {gathered / GIB:.3g} GiB"])
+    return params, grads, optimizer, opt_transient, 0, []
 
 
 def analytic_max_batch(

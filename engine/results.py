@@ -8,7 +8,7 @@ non-finite or out-of-range numbers, missing keys) with a message that names the 
 line, the field and the value. A dashboard never draws a chart from a half-understood file.
 
 Files written by earlier v1 builds keep reading: metric keys added since (``grad_rel_diff``,
-``allocator_retries``) default to null when absent.
+``allocator_retries``, ``rank_peak_bytes``...) default to null when absent.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ REQUIRED_CONFIG_KEYS = ("model", "batch", "accum", "precision", "ckpt", "optimiz
 # Integers beyond int64 cannot be stored in SQLite or drawn exactly.
 _INT_LIMIT = 2**63 - 1
 _MAX_TEXT = 20_000
+_MAX_RANKS = 100_000
 
 # CPU allocators and the CUDA caching allocator report OOM as plain RuntimeErrors with these
 # phrases (glibc "can't allocate memory" surfaces through DefaultCPUAllocator; a failed C++
@@ -102,6 +103,9 @@ class Metrics:
     energy_j_per_sample: float | None = None
     grad_rel_diff: float | None = None
     allocator_retries: int | None = None
+    # A data-parallel run: every rank's peak, in rank order (the other memory figures are
+    # the rank with the largest peak's); None for one process.
+    rank_peak_bytes: list[int] | None = None
 
     def phase(self, key: str) -> Summary | None:
         """The Summary of a phase key (``step_ms``, ``backward_ms``...)."""
@@ -113,7 +117,7 @@ class Metrics:
 
 METRIC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Metrics))
 # Keys added to v1 after its first files were written: absent in those files, read as null.
-_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_bytes")
+_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_bytes", "rank_peak_bytes")
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,10 @@ def _metric(key: str, value):
         return _breakdown(value, where)
     if kind is int:
         return _integer(value, where)
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list) or not value or len(value) > _MAX_RANKS:
+            raise _Invalid(f"{where} must be a list of 1 to {_MAX_RANKS} integers or null")
+        return [_integer(item, f"{where}[{i}]") for i, item in enumerate(value)]
     number = _number(value, where)
     if number < 0:
         raise _Invalid(f"{where} must not be negative, got {number!r}")

@@ -176,18 +176,23 @@ def make_optimizer(model: nn.Module, name: str, device: torch.device) -> torch.o
 class TrainingStep:
     """One optimizer step of ``config`` on ``device``: the only training code path.
 
-    Builds, once: the checkpointing policy applied to ``model``'s blocks, the optimizer,
-    the fp16 ``GradScaler`` and ``batches`` (``config.accum`` micro-batches of
-    ``config.batch`` samples, made on the device so no copy is ever timed).
+    Builds, once: the checkpointing policy applied to ``model``'s blocks, then ``wrap``
+    (a data-parallel rank's DDP or FSDP wrapper, engine/distributed.py; before the optimizer,
+    which must see FSDP's sharded parameters), the optimizer, the fp16 ``GradScaler`` and
+    ``batches`` (``config.accum`` micro-batches of ``config.batch`` samples, made on the
+    device so no copy is ever timed).
     """
 
-    def __init__(self, model: nn.Module, make_batch: Callable, config, device: torch.device | str):
+    def __init__(self, model: nn.Module, make_batch: Callable, config, device: torch.device | str,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
         self.config = config
         self.device = torch.device(device)
         self.policy = checkpointing.make_policy(config.ckpt, config.k)
         self.model = model.to(self.device)
         # What checkpointing wrapped (None without it): results record it.
         self.checkpointed = self.policy.apply(self.model, config.blocks)
+        if wrap is not None:
+            self.model = wrap(self.model)
         self.model.train()
         self.optimizer = make_optimizer(self.model, config.optimizer, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
@@ -201,6 +206,25 @@ class TrainingStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @contextlib.contextmanager
+    def _gradient_sync(self, last: bool):
+        """Data parallel: gradients are reduced across ranks once per optimizer step, in the
+        last micro-batch's backward; the earlier ones only accumulate locally (DDP's
+        ``no_sync``, FSDP's ``set_requires_gradient_sync``). Nothing for one process."""
+        if last:
+            yield
+        elif hasattr(self.model, "no_sync"):
+            with self.model.no_sync():
+                yield
+        elif hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     def run(self, timer: PhaseTimer | None = None) -> torch.Tensor:
         """One optimizer step; returns the step's mean loss as a detached device tensor.
 
@@ -211,13 +235,14 @@ class TrainingStep:
         accum = len(self.batches)
         losses = []
         timer.mark("start")
-        for batch in self.batches:
-            with self.autocast():
-                # Dividing by accum makes the summed micro-batch gradients equal the
-                # gradient of the mean loss over the effective batch.
-                loss = self.model(*batch) / accum
-            timer.mark("forward")
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for i, batch in enumerate(self.batches):
+            with self._gradient_sync(last=i == accum - 1):
+                with self.autocast():
+                    # Dividing by accum makes the summed micro-batch gradients equal the
+                    # gradient of the mean loss over the effective batch.
+                    loss = self.model(*batch) / accum
+                timer.mark("forward")
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             timer.mark("backward")
             losses.append(loss.detach())
         if self.scaler is not None:
@@ -233,7 +258,17 @@ class TrainingStep:
 
 def build_step(config) -> TrainingStep:
     """The config's ``TrainingStep`` on its device, as every benchmark builds it: seeded,
-    parameters created on the device (not copied there), batches made there."""
+    parameters created on the device (not copied there), batches made there.
+
+    One process only: a data-parallel config's ranks each build theirs
+    (``engine.distributed.build_rank_step``), so a tool that would measure one process of it
+    (the memory timeline, the pitfall demo) refuses it rather than show misleading figures.
+    """
+    if getattr(config, "distributed", False):
+        from .config import ConfigError
+
+        raise ConfigError("parallel", config.parallel, "none here: this measures one process (data-parallel "
+                          "configurations run with `run` and `sweep`)")
     device = torch.device(resolve_device(config.device))
     torch.manual_seed(config.seed)
     with device:

@@ -32,8 +32,8 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
 
     ``base`` holds single values of BenchConfig fields; ``grid`` maps a field (or
     ``overrides.<dim>`` for one model dimension) to a list of values. With
-    ``effective_batch`` N, accum is N / batch for each batch and a batch that does not
-    divide N is skipped with a note. Raises ConfigError for an unknown field, an empty
+    ``effective_batch`` N, accum is N / (batch × nproc) for each batch and a batch whose
+    batch × nproc does not divide N is skipped with a note. Raises ConfigError for an unknown field, an empty
     list, a grid larger than this server's ``TRADEOFF_LAB_MAX_SWEEP`` (checked before any
     config is built), or any invalid resulting config.
     """
@@ -71,13 +71,17 @@ def expand(base: dict, grid: dict[str, list], effective_batch: int | None = None
             fields["overrides"] = overrides
         if effective_batch is not None:
             batch = fields.get("batch", BenchConfig.batch)
-            if isinstance(batch, int) and batch >= 1 and effective_batch % batch:
-                note = f"batch {batch} skipped: does not divide effective batch {effective_batch}"
+            nproc = fields.get("nproc", BenchConfig.nproc)
+            # Every rank runs batch × accum samples: the effective batch is batch × accum × nproc.
+            per_step = batch * nproc if isinstance(nproc, int) and nproc >= 1 else batch
+            if isinstance(batch, int) and batch >= 1 and effective_batch % per_step:
+                note = (f"batch {batch} skipped: does not divide effective batch {effective_batch}" if nproc == 1 else
+                        f"batch {batch} × {nproc} ranks skipped: does not divide effective batch {effective_batch}")
                 if note not in notes:
                     notes.append(note)
                 continue
             if isinstance(batch, int) and batch >= 1:
-                fields["accum"] = effective_batch // batch
+                fields["accum"] = effective_batch // per_step
         configs.append(BenchConfig(**fields))
     return configs, notes
 

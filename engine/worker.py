@@ -29,8 +29,9 @@ exited (flock locks last while any copy of the open file is open).
 
 Protocol on the pipe (child -> parent): ("ready", pid) once, then per call any number of
 ("progress", Progress) and ("env", dict), and finally ("done", value) or ("failed",
-status, message). Parent -> child: (func, args) per call followed by the ticket's file
-descriptor (SCM_RIGHTS, ``multiprocessing.reduction.send_handle``), or None to exit.
+status, message). Parent -> child: (func, args, n) per call followed by the file descriptors
+of its n device tickets (SCM_RIGHTS, ``multiprocessing.reduction.send_handle``; a data-
+parallel run on CUDA holds one ticket per GPU), or None to exit.
 """
 from __future__ import annotations
 
@@ -170,19 +171,22 @@ def _child_main(conn, visible_devices: str | None) -> None:
             return
         if message is None:
             return
-        func, args = message
-        # This copy of the device ticket keeps the device locked while this call runs, even
-        # if the parent dies; it is closed (before replying) once the call is over.
+        func, args, n_tickets = message
+        # These copies of the device tickets keep the devices locked while this call runs,
+        # even if the parent dies; they are closed (before replying) once the call is over.
+        tickets = []
         try:
-            ticket = multiprocessing.reduction.recv_handle(conn)
-        except (EOFError, OSError):  # the parent died between the call and its ticket
+            for _ in range(n_tickets):
+                tickets.append(multiprocessing.reduction.recv_handle(conn))
+        except (EOFError, OSError):  # the parent died between the call and its tickets
             return
         try:
             reply = ("done", func(*args, channel))
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             reply = ("failed", *_error_message(exc))
         finally:
-            os.close(ticket)
+            for ticket in tickets:
+                os.close(ticket)
         del func, args
         channel._send(reply)
         del reply
@@ -241,6 +245,12 @@ def benchmark_in_worker(config: BenchConfig, sweep_id: str | None, channel: Chan
     from .devices import env_info
     from .measure import run_benchmark
 
+    if config.distributed:
+        # Its ranks are processes of their own, which own the devices: this process (the
+        # launcher's agent) must not touch a GPU.
+        from . import distributed
+
+        return distributed.benchmark(config, channel.progress).replace(sweep_id=sweep_id)
     device = resolve_device(config.device)
     if device not in _child_envs:
         _child_envs[device] = env_info(device)
@@ -302,8 +312,9 @@ class Worker:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def call(self, func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,
-             cancel: threading.Event | None = None, fresh: bool = False) -> Outcome:
-        """``func(*args, channel)`` in the worker process, after waiting for ``device``.
+             cancel: threading.Event | None = None, fresh: bool = False, ranks: int = 1) -> Outcome:
+        """``func(*args, channel)`` in the worker process, after waiting for ``device`` (and,
+        on CUDA, the next GPUs for a run of ``ranks`` data-parallel ranks: every GPU it uses).
 
         ``func`` must be a module-level function, its arguments and return value picklable.
         Never raises for a failure of the call: the Outcome's status is "oom" or "error"
@@ -326,8 +337,13 @@ class Worker:
         try:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled before it started")
-            with device_queue(devices.device_key(device), on_wait) as ticket, self._lock:
-                return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, ticket)
+            with contextlib.ExitStack() as held:
+                # Every caller takes its GPUs' queues in one order (sorted keys), so two runs
+                # that need overlapping GPUs never each hold one the other waits for.
+                tickets = [held.enter_context(device_queue(key, on_wait))
+                           for key in sorted(devices.device_keys(device, ranks))]
+                with self._lock:
+                    return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, tickets)
         except _Stop as stop:
             return Outcome(stop.status, error=stop.message)
 
@@ -336,14 +352,14 @@ class Worker:
         """Benchmark ``config`` in the worker; always returns a Result ("ok", "oom", "error",
         "timeout" or "cancelled")."""
         outcome = self.call(benchmark_in_worker, config, sweep_id, device=config.device, timeout_s=config.timeout_s,
-                            progress=progress, cancel=cancel)
+                            progress=progress, cancel=cancel, ranks=config.nproc)
         if outcome.ok:
             return outcome.value
         device = resolve_device(config.device)
         env = self._envs.get(device) or _fallback_env(device)
         return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
 
-    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, ticket: int) -> Outcome:
+    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, tickets: list[int]) -> Outcome:
         try:
             if fresh:
                 self._kill()
@@ -351,8 +367,9 @@ class Worker:
                 self._spawn()
             if not self._ready:
                 self._await_ready(cancel)
-            self._conn.send((func, args))
-            multiprocessing.reduction.send_handle(self._conn, ticket, self._proc.pid)
+            self._conn.send((func, args, len(tickets)))
+            for ticket in tickets:
+                multiprocessing.reduction.send_handle(self._conn, ticket, self._proc.pid)
             deadline = time.monotonic() + timeout_s
             while True:
                 kind, *payload = self._next_message(deadline, cancel, timeout_s)
@@ -452,20 +469,20 @@ _shared: dict[str, Worker] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_worker(device: str) -> Worker:
+def shared_worker(device: str, ranks: int = 1) -> Worker:
     """The process-wide warm worker of a physical device (``auto``, ``cuda`` and ``cuda:0`` are
-    one GPU and share one worker)."""
-    key = devices.device_key(device)
+    one GPU and share one worker), or of the GPUs of a run of ``ranks`` ranks on CUDA."""
+    key = ",".join(devices.device_keys(device, ranks))
     with _shared_lock:
         if key not in _shared:
-            _shared[key] = Worker(devices.visible_devices_for(device))
+            _shared[key] = Worker(devices.visible_devices_for(device, ranks))
         return _shared[key]
 
 
 def run(config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
         sweep_id: str | None = None) -> Result:
     """``Worker.run`` on the shared warm worker of the config's device; safe from many threads."""
-    return shared_worker(config.device).run(config, progress, cancel, sweep_id)
+    return shared_worker(config.device, config.nproc).run(config, progress, cancel, sweep_id)
 
 
 def call(func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,

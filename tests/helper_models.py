@@ -11,12 +11,16 @@ BenchConfig validation calls the builder (on the meta device) in the caller's pr
 - ``hangs``: forward sleeps for an hour.
 - ``big_alloc``: forward allocates 1 GiB: fine without a cap, OOM under a smaller CPU cap.
 - ``sleepy_backward``: backward sleeps 50 ms, forward is cheap (timing attribution tests).
+- ``oom_on_rank_1``, ``hangs_on_rank_1``: data-parallel ranks (``RANK`` set by the launcher)
+  record their pid under ``rank_pid_dir(<the worker's pid>)``; rank 1's forward raises
+  ``torch.OutOfMemoryError`` / sleeps for an hour.
 - ``returns_model_only``, ``returns_wrong_types``, ``builder_raises``: builders that break
   the contract, for BenchConfig's validation.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import torch
@@ -149,3 +153,41 @@ def returns_wrong_types():
 def builder_raises():
     """Fails whenever it is called."""
     raise RuntimeError("this builder always fails")
+
+
+def rank_pid_dir(worker_pid: int) -> str:
+    """Where the ranks launched by worker ``worker_pid`` record their pids (one file each)."""
+    return os.path.join(tempfile.gettempdir(), "tradeoff-lab-test-ranks", str(worker_pid))
+
+
+class _Rank1Fails(_Tiny):
+    def __init__(self, failure):
+        super().__init__()
+        self.failure = failure
+        # Built in each rank process; a caller validating the config builds it on the meta
+        # device, outside any rank (no RANK), and records nothing.
+        if "RANK" in os.environ:
+            directory = rank_pid_dir(os.getppid())
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, str(os.getpid())), "w") as f:
+                f.write(os.environ["RANK"])
+
+    def forward(self, x, y):
+        if os.environ.get("RANK") == "1":
+            self.failure()
+        return super().forward(x, y)
+
+
+def _raise_oom():
+    raise torch.OutOfMemoryError("test model: rank 1 is out of memory")
+
+
+def oom_on_rank_1():
+    """Rank 1 of a data-parallel run raises torch.OutOfMemoryError in forward."""
+    return _Rank1Fails(_raise_oom), _make_batch
+
+
+def hangs_on_rank_1():
+    """Rank 1 of a data-parallel run sleeps for an hour in forward (rank 0 then waits in
+    the gradient all-reduce)."""
+    return _Rank1Fails(lambda: time.sleep(3600)), _make_batch

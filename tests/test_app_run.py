@@ -18,7 +18,7 @@ def progress_texts(at) -> list[str]:
 
 def sidebar_keys(at) -> list[str]:
     """Keys of the sidebar's widgets that belong to the configuration form."""
-    widgets = [*at.sidebar.selectbox, *at.sidebar.number_input, *at.sidebar.text_input]
+    widgets = [*at.sidebar.selectbox, *at.sidebar.number_input, *at.sidebar.text_input, *at.sidebar.checkbox]
     return [w.key for w in widgets if w.key and w.key.startswith(form.PREFIX)]
 
 

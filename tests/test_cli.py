@@ -85,7 +85,7 @@ BAD_INPUT = [
      "python -m engine sweep --set seq_len=16,32"),
     (["sweep", "--set", "seq_len=16,x", "--device", "cpu"], "overrides.seq_len: invalid value 'x'; allowed: an integer"),
     (["sweep", "--set", "seq_len=16,0", "--device", "cpu"], "overrides.seq_len: invalid value 0; allowed: an integer"),
-    (["sweep", "--set", "wings=1,2", "--device", "cpu"], "overrides.wings: invalid value 1; allowed: a gpt dimension"),
+    (["sweep", "--set", "wings=1,2", "--device", "cpu"], "overrides.wings: invalid value 1; allowed: a dimension of gpt-tiny: seq_len"),
     (["sweep", "--set", "seq_len=8", "--set", "seq_len=16,32", "--device", "cpu"],
      "--set: invalid value 'seq_len=16,32'; allowed: each key once"),
     (["show", "/no/such/results.jsonl"], "/no/such/results.jsonl: No such file or directory"),

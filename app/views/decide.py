@@ -90,7 +90,8 @@ def predict_tab(config: BenchConfig, margin: float) -> None:
         with st.expander("Analytic estimate at this batch"):
             a = report["analytic"]
             st.dataframe(pd.DataFrame([{"part": k, "size": gib(a[k])} for k in
-                                       ("params", "grads", "optimizer", "inputs", "activations", "transient", "peak")]),
+                                       ("params", "grads", "optimizer", "data_parallel", "inputs", "activations", "transient",
+                                        "peak") if a.get(k) or k != "data_parallel"]),
                          hide_index=True)
             for note in a["notes"]:
                 st.caption(ui.plain(note))

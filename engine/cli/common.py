@@ -194,7 +194,8 @@ def _dims(config: BenchConfig) -> str:
 def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
     dims = f" {_dims(config)}" if config.overrides else ""
-    return f"{config.model}{dims} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+    ranks = f" {config.parallel}x{config.nproc}" if config.distributed else ""
+    return f"{config.model}{dims} b{config.batch}x{config.accum}{ranks} {config.precision} ckpt={ckpt}"
 
 
 def result_line(result: Result) -> str:

@@ -91,7 +91,8 @@ def _cmd_predict(args) -> int:
     elif not args.analytic_only:
         print(f"No fit: {report['fit_problem']}.")
     if analytic:
-        parts = ", ".join(f"{k} {fmt_bytes(analytic[k])}" for k in ("params", "grads", "optimizer", "inputs", "activations", "transient", "peak"))
+        parts = ", ".join(f"{k} {fmt_bytes(analytic[k])}" for k in ("params", "grads", "optimizer", "data_parallel", "inputs", "activations", "transient", "peak")
+                          if analytic.get(k) or k != "data_parallel")
         print(f"Analytic at batch {config.batch}: {parts}")
         for note in analytic["notes"]:
             print(f"  {note}")
