@@ -244,6 +244,14 @@ def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | Non
     return memory_cap_gib * GIB if memory_cap_gib is not None else capacity_bytes
 
 
+def gpus_needed(config: BenchConfig) -> int:
+    """How many GPUs a run of ``config`` occupies, for an executor that reserves them (Ray's
+    ``num_gpus``): one for a CUDA device (``cuda``, ``cuda:N`` and ``auto``, which means a GPU
+    wherever there is one: an executor resolves ``auto`` on a machine without GPUs first),
+    none for ``cpu`` and ``mps``. Pure: it never looks at this machine."""
+    return 1 if config.device == "auto" or config.device.startswith("cuda") else 0
+
+
 # --------------------------------------------------------------------------- field views
 @dataclass(frozen=True)
 class ConfigField:
