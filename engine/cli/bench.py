@@ -11,15 +11,18 @@ from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_fla
 
 def _checked_and_warming(configs: list, args: argparse.Namespace) -> None:
     """The pre-run checks of ``configs``, with the memory check (which loads torch and builds
-    each model on the meta device, seconds) overlapping the worker's own start-up."""
+    each model on the meta device, seconds) overlapping the start-up of the workers of
+    every device the configs will run on."""
+    from ..dispatch import local_lanes
     from ..limits import check_memory
-    from ..worker import shared_worker
 
     for config in configs:
         check_runnable(config, check_memory=False)
     if args.force:
         return
-    shared_worker(configs[0].device).start()
+    used = [lane for lane in local_lanes(configs) if any(lane.takes(config) for config in configs)]
+    for lane in used[:len(configs)]:  # one config uses one lane: the first, which `run` uses too
+        lane.runner.start()
     for config in configs:
         check_memory(config)
 
