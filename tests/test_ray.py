@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import shutil
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -20,6 +23,7 @@ from engine.ray_executor import RayExecutor
 from engine.results import decode_results
 from engine.store import Store
 from engine.sweep import expand, run_sweep
+from tests.dispatch_models import rendezvous_dir
 from tests.factories import assert_valid, make_result
 
 TINY = ["--model", "gpt-tiny", "--set", "n_layers=1", "--set", "seq_len=16", "--warmup", "1", "--steps", "1",
@@ -68,6 +72,33 @@ def test_a_failing_configuration_is_a_result_and_the_others_succeed(local_ray):
     assert by_cap[1e-6].status == "oom" and by_cap[1e-6].metrics.step_ms is None
     for result in results:
         assert_valid(result)
+
+
+def test_tasks_on_one_machine_wait_in_its_device_queue(local_ray):
+    # Ray runs both tasks at once (two CPUs), each in its own worker: only the machine's
+    # device queue keeps their runs apart.
+    seed = random.randrange(2**40)
+    configs, _ = expand({"model": "tests.dispatch_models:alone", "device": "cpu", "warmup": 1, "steps": 1,
+                         "seed": seed}, {"batch": [1, 2]})
+    try:
+        results = run_sweep(configs, executor=local_ray)
+        assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+        assert sorted(os.listdir(rendezvous_dir(seed))) == ["done-1", "done-2"]
+    finally:
+        shutil.rmtree(rendezvous_dir(seed), ignore_errors=True)
+
+
+def test_a_cancel_stops_running_and_waiting_tasks(local_ray):
+    # Each run would hang for an hour: the sweep returns only because its tasks were stopped.
+    configs, _ = expand({"model": "tests.helper_models:hangs", "device": "cpu", "warmup": 1, "steps": 1},
+                        {"batch": [1, 2, 3]})
+    cancel = threading.Event()
+    timer = threading.Timer(2, cancel.set)
+    timer.start()
+    results = run_sweep(configs, cancel=cancel, executor=local_ray)
+    timer.cancel()
+    assert sorted(r.config.batch for r in results) == [1, 2, 3]
+    assert {r.status for r in results} == {"cancelled"}
 
 
 def test_without_ray_the_executor_is_one_line_saying_how_to_install(monkeypatch, capsys):
