@@ -2,7 +2,8 @@
 
 An executor is called as ``execute(configs, sweep_id, emit, stop)``: it runs every config,
 calls ``emit(index, item)`` (``index`` 0-based into ``configs``; ``item`` a ``Progress`` or,
-once per config, its ``Result``) from whatever thread it likes, stops starting configs and
+once per config, its ``Result``; for a result ``emit`` returns once the caller has stored it,
+or the sweep is stopping) from whatever thread it likes, stops starting configs and
 cancels the running ones once ``stop`` is set, and returns when nothing of its own runs any
 more. ``run_sweep`` turns the emitted items into the caller's callbacks, on the caller's
 thread, in the order they came: results stream in finishing order.

@@ -115,13 +115,21 @@ def run_sweep(
     stop = threading.Event()
     finished = object()
 
+    def emit(index: int, item) -> None:
+        handled = threading.Event()
+        items.put((index, item, handled))
+        # A result is stored before its lane starts another config: a sweep stopped by a
+        # failure to store it (a full disk) starts nothing more.
+        while isinstance(item, Result) and not handled.wait(POLL_S) and not stop.is_set():
+            pass
+
     def execute() -> None:
         try:
-            executor(configs, sweep_id, lambda index, item: items.put((index, item)), stop)
+            executor(configs, sweep_id, emit, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            items.put((None, exc))
+            items.put((None, exc, None))
         else:
-            items.put((None, finished))
+            items.put((None, finished, None))
 
     thread = threading.Thread(target=execute, name="tradeoff-lab-sweep", daemon=True)
     thread.start()
@@ -131,7 +139,7 @@ def run_sweep(
             if cancel is not None and cancel.is_set():
                 stop.set()
             try:
-                index, item = items.get(timeout=POLL_S)
+                index, item, handled = items.get(timeout=POLL_S)
             except queue.Empty:
                 continue
             if index is None:
@@ -142,6 +150,9 @@ def run_sweep(
                 results.append(item)
                 if on_result is not None:
                     on_result(item)
+                if cancel is not None and cancel.is_set():
+                    stop.set()  # before its lane may start another config
+                handled.set()
             elif progress is not None:
                 progress(item.within(index=index + 1, count=len(configs)))
     finally:
