@@ -67,13 +67,18 @@ class RayExecutor:
     def __call__(self, configs: list[BenchConfig], sweep_id: str, emit: Emit, stop: threading.Event) -> None:
         ray = self._ray
         self.connect()
-        # "auto" means a GPU wherever there is one: on a cluster without any, the CPU.
-        cluster_has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        # A run's GPUs are on one node: a task asking for more than any node has would wait forever.
+        most_gpus = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
         task = ray.remote(_run_in_task)
         groups, refs = [], {}
         try:
             for index, config in enumerate(configs):
-                gpus = gpus_needed(config) if cluster_has_gpus or config.device != "auto" else 0
+                # "auto" means a GPU wherever there is one: on a cluster without any, the CPU.
+                gpus = gpus_needed(config) if most_gpus or config.device != "auto" else 0
+                if gpus > most_gpus:
+                    emit(index, _failed(config, sweep_id, f"needs {gpus} GPU(s) on one node; the Ray cluster's "
+                                                          f"largest node has {most_gpus:g}"))
+                    continue
                 # No retries: a run that killed its Ray worker would only do it again.
                 options: dict = {"num_gpus": gpus, "max_retries": 0}
                 if gpus > 1:
@@ -113,19 +118,24 @@ class RayExecutor:
     def _result(self, ref, config: BenchConfig, sweep_id: str, cancelled: bool) -> Result:
         """The task's result, read as any results file is; a task Ray lost becomes an error
         (or "cancelled", once the sweep was stopped) result."""
-        from .worker import fallback_env
-
         ray = self._ray
         try:
             return Result.from_dict(ray.get(ref), "a Ray task's result")
         except ray.exceptions.RayError as exc:
-            status = "cancelled" if cancelled else "error"
-            message = "cancelled; its Ray task was stopped" if cancelled else \
-                f"Ray lost the task: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if cancelled:
+                return _failed(config, sweep_id, "cancelled; its Ray task was stopped", "cancelled")
+            lines = str(exc).strip().splitlines() or [""]
+            return _failed(config, sweep_id, f"the Ray task failed: {type(exc).__name__}: {lines[0]}")
         except ResultFormatError as exc:
-            status, message = "error", str(exc)
-        device = "cuda" if gpus_needed(config) else config.device
-        return Result.new(config, status, fallback_env(device), error=message, sweep_id=sweep_id)
+            return _failed(config, sweep_id, str(exc))
+
+
+def _failed(config: BenchConfig, sweep_id: str, message: str, status: str = "error") -> Result:
+    """A result for a config whose task gave none."""
+    from .worker import fallback_env
+
+    device = "cuda" if gpus_needed(config) else config.device
+    return Result.new(config, status, fallback_env(device), error=message, sweep_id=sweep_id)
 
 
 _task_visible: list[str | None] = [None]  # CUDA_VISIBLE_DEVICES the device list was probed under

@@ -127,8 +127,9 @@ class FakeRay:
     def is_initialized(self):
         return True
 
-    def cluster_resources(self):
-        return {"CPU": 16.0, "GPU": self.gpus}
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": self.gpus}},
+                {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 8.0}}]
 
     def remote(self, func):
         fake = self
@@ -205,8 +206,17 @@ def test_a_task_ray_lost_is_an_error_result(monkeypatch):
 
     monkeypatch.setattr(fake, "get", lost)
     [result] = run_sweep([BenchConfig(device="cpu")], executor=executor)
-    assert result.status == "error" and "Ray lost the task" in result.error and "worker died" in result.error
+    assert result.status == "error" and "the Ray task failed" in result.error and "worker died" in result.error
     assert_valid(result)
+
+
+def test_a_gpu_config_on_a_cluster_without_gpus_fails_instead_of_waiting_forever(monkeypatch):
+    executor, fake, _ = _fake_executor(monkeypatch, gpus=0)
+    results = run_sweep([BenchConfig(device="cuda", batch=1), BenchConfig(device="cpu", batch=2)], executor=executor)
+    by_batch = {r.config.batch: r for r in results}
+    assert by_batch[2].ok and [o["num_gpus"] for o in fake.options] == [0]  # only the CPU config became a task
+    assert by_batch[1].status == "error" and "largest node has 0" in by_batch[1].error
+    assert by_batch[1].env.device_type == "cuda"
 
 
 def test_a_new_gpu_assignment_is_probed_again(monkeypatch):
