@@ -13,6 +13,7 @@ Ray is optional (requirements-ray.txt) and imported only when this executor is m
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
 from . import devices
@@ -22,6 +23,7 @@ from .results import Result, ResultFormatError
 
 INSTALL_HINT = "the ray executor needs Ray: python3 -m pip install -r requirements-ray.txt"
 POLL_S = 0.05
+CONNECT_TIMEOUT_S = 10.0
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -48,13 +50,15 @@ class RayExecutor:
         ExecutorError naming the address otherwise. The engine package travels with the
         tasks, so a node needs only the requirements installed, not this checkout."""
         ray = self._ray
+        address = self._address or os.environ.get("RAY_ADDRESS") or None
+        if address is not None:
+            _check_reachable(address)
         if ray.is_initialized():
             return
         # Workers' output would reach this process's stdout, which carries --json results.
         extra = dict(self._init_options)
         options: dict = {"log_to_driver": False, "logging_level": "WARNING",
                          "runtime_env": {"py_modules": [_ENGINE_DIR], **extra.pop("runtime_env", {})}}
-        address = self._address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
             options["include_dashboard"] = False  # a private Ray for this sweep: no web server
             options.update(extra)
@@ -128,6 +132,19 @@ class RayExecutor:
             return _failed(config, sweep_id, f"the Ray task failed: {type(exc).__name__}: {lines[0]}")
         except ResultFormatError as exc:
             return _failed(config, sweep_id, str(exc))
+
+
+def _check_reachable(address: str) -> None:
+    """ExecutorError at once when nothing answers at a ``host:port`` or ``ray://host:port``
+    address (Ray itself retries for minutes); ``auto`` is left to Ray, which says at once
+    when no cluster runs on this machine."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ExecutorError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
 
 
 def _failed(config: BenchConfig, sweep_id: str, message: str, status: str = "error") -> Result:

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -106,6 +107,15 @@ def test_without_ray_the_executor_is_one_line_saying_how_to_install(monkeypatch,
     assert main(["sweep", *TINY, "--batch", "1,2", "--executor", "ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install -r requirements-ray.txt" in err
+
+
+def test_an_address_nobody_answers_at_is_one_line_at_once(capsys):
+    with socket.socket() as probe:  # a port that was just free: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["sweep", *TINY, "--batch", "1,2", "--executor", "ray", "--ray-address", f"ray://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"cannot reach Ray at ray://127.0.0.1:{port}" in err
 
 
 def test_ray_address_needs_the_ray_executor(capsys):
