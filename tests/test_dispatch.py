@@ -211,3 +211,16 @@ def test_one_device_means_one_lane_in_sweep_order(monkeypatch):
     configs = [BenchConfig(device="cpu", batch=b) for b in (3, 1, 2)]
     results = run_sweep(configs, executor=LocalExecutor(lambda _: [Lane("cpu", "cpu", runner, exclusive=True)]))
     assert [r.config.batch for r in results] == [3, 1, 2]
+
+
+def test_a_run_that_died_before_reporting_still_names_its_gpu():
+    # This machine has no CUDA: the worker fails before it can report the environment, and
+    # the caller's stand-in still says which GPU (the lane's UUID) the run was for.
+    runner = Worker(queue_key="GPU-fake-9")
+    try:
+        result = runner.run(BenchConfig(device="cuda:0", warmup=1, steps=1), device="cuda:0")
+    finally:
+        runner.close()
+    assert result.status == "error"
+    assert (result.env.device_type, result.env.gpu_uuid) == ("cuda", "GPU-fake-9")
+    assert_valid(result)
