@@ -29,7 +29,7 @@ from .config import BenchConfig
 from .progress import Progress
 from .results import Result
 
-Emit = Callable[[int, "Progress | Result"], None]
+Emit = Callable[[int, Progress | Result], None]
 # Device names that ask for a GPU, not one GPU: on a box with several, any free one.
 ANY_GPU = ("auto", "cuda")
 POLL_S = 0.05
