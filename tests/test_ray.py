@@ -7,6 +7,7 @@ once for the module. The GPU requests are checked against a stand-in for Ray.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import random
 import shutil
@@ -241,3 +242,22 @@ def test_a_new_gpu_assignment_is_probed_again(monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         ray_executor._run_in_task(config, "sweep", 1)
     assert len(cleared) == 2  # for "0", then for "1"; not again for the same GPU
+
+
+def test_a_run_of_several_gpus_reserves_them_on_one_node_and_gives_them_back(monkeypatch):
+    placement = importlib.import_module("ray.util.placement_group")  # the module (ray.util's name is the function)
+    executor, fake, _ = _fake_executor(monkeypatch, gpus=4)
+    made, removed = [], []
+    monkeypatch.setattr(placement, "placement_group", lambda bundles, strategy: made.append((bundles, strategy)) or
+                        f"group-{len(made)}")
+    monkeypatch.setattr(placement, "remove_placement_group", removed.append)
+    needs = {1: 2, 2: 8, 3: 1}  # GPUs per run, by batch (several ranks: the nproc of a parallel run)
+    monkeypatch.setattr(ray_executor, "gpus_needed", lambda config: needs[config.batch])
+    results = run_sweep([BenchConfig(device="cuda", batch=b) for b in (1, 2, 3)], executor=executor)
+    assert made == [([{"GPU": 2, "CPU": 1}], "STRICT_PACK")] and removed == ["group-1"]
+    assert [o["num_gpus"] for o in fake.options] == [2, 1]
+    assert fake.options[0]["scheduling_strategy"].placement_group == "group-1"
+    assert "scheduling_strategy" not in fake.options[1]
+    by_batch = {r.config.batch: r for r in results}
+    assert by_batch[2].status == "error" and "needs 8 GPU(s) on one node" in by_batch[2].error
+    assert by_batch[1].ok and by_batch[3].ok
