@@ -121,21 +121,34 @@ def diff_runs(a: Result, b: Result) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.DataFrame(rows, columns=["metric", "A", "B", "change %"]))
 
 
+def _results_by_config(configs: list[BenchConfig], results: list[Result]) -> dict[int, Result]:
+    """Each result under the index of its config (equal configs in sweep order)."""
+    left, matched = list(results), {}
+    for index, config in enumerate(configs):
+        found = next((j for j, result in enumerate(left) if result.config == config), None)
+        if found is not None:
+            matched[index] = left.pop(found)
+    return matched
+
+
 def queue_frame(configs: list[BenchConfig], results: list[Result], finished: bool,
                 waiting_for_device: bool = False) -> pd.DataFrame:
     """A sweep's queue: one row per config with the fields that vary, its state and, once
-    done, its status and key numbers. Configs run in order, so the first ``len(results)``
-    are done and the next one is running (or waiting for the device)."""
+    done, its status and key numbers. ``results`` come in finishing order (on a box with
+    several GPUs, not the sweep's), each matched to its config; the first config not done
+    is running (or waiting for the device)."""
     flat = [_flatten(c.to_dict()) for c in configs]
     varying = [k for k in flat[0] if len({repr(f.get(k)) for f in flat}) > 1] if len(flat) > 1 else []
     names = [k.removeprefix("overrides.") for k in varying]
+    done = _results_by_config(configs, results)
+    first_open = next((i for i in range(len(configs)) if i not in done), None)
     rows = []
     for i, fields in enumerate(flat):
         row = {"#": i + 1, **{name: fields.get(k) for name, k in zip(names, varying)}}
-        if i < len(results):
-            result = results[i]
+        if i in done:
+            result = done[i]
             row.update(state="done", status=result.status, **{name: _COLUMNS[name](result) for name in _QUEUE_METRICS})
-        elif i == len(results) and not finished:
+        elif i == first_open and not finished:
             row["state"] = "waiting for the device" if waiting_for_device else "running"
         else:
             row["state"] = "not run" if finished else "waiting"

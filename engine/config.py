@@ -275,13 +275,6 @@ def parallel_words(parallel: str, nproc: int, reshard: bool = True) -> str:
     return words + (", no reshard" if parallel == "fsdp" and not reshard else "")
 
 
-def gpus_needed(config: BenchConfig) -> int:
-    """GPUs one run of ``config`` occupies (what a scheduler such as Ray reserves): one per
-    rank on CUDA, none on the CPU or MPS. ``auto`` counts as CUDA where a GPU is present."""
-    device = devices.resolve_device(config.device) if config.device == "auto" else config.device
-    return config.nproc if device.startswith("cuda") else 0
-
-
 def ckpt_words(ckpt: str, k: int) -> str:
     """A checkpointing policy in words ("checkpointing every 2nd block")."""
     if ckpt == "every-k":
@@ -293,6 +286,14 @@ def ckpt_words(ckpt: str, k: int) -> str:
 def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | None) -> float | None:
     """The memory a run may use: its memory cap, else its device's capacity (None if unknown)."""
     return memory_cap_gib * GIB if memory_cap_gib is not None else capacity_bytes
+
+
+def gpus_needed(config: BenchConfig) -> int:
+    """How many GPUs a run of ``config`` occupies, for an executor that reserves them (Ray's
+    ``num_gpus``): one per rank on a CUDA device (``cuda``, ``cuda:N`` and ``auto``, which means
+    a GPU wherever there is one: an executor resolves ``auto`` on a machine without GPUs
+    first), none for ``cpu`` and ``mps``. Pure: it never looks at this machine."""
+    return config.nproc if config.device == "auto" or config.device.startswith("cuda") else 0
 
 
 # --------------------------------------------------------------------------- field views
@@ -506,11 +507,11 @@ def _check_device_present(device: str) -> None:
 
 def _check_gpus_for_ranks(config: BenchConfig) -> None:
     """On CUDA each rank has its own GPU: the ``nproc`` GPUs from the config's device on."""
-    needed = gpus_needed(config)
-    if needed <= 1:
+    resolved = devices.resolve_device(config.device)
+    needed = config.nproc
+    if needed <= 1 or not resolved.startswith("cuda"):
         return
     count = devices.cuda_device_count()
-    resolved = devices.resolve_device(config.device)
     first = int(resolved.split(":")[1]) if ":" in resolved else 0
     if first + needed > count:
         where = f"from cuda:{first} on" if first else "here"

@@ -1,20 +1,22 @@
-"""Sweeps: the cross product of value lists for config fields, run one config at a time."""
+"""Sweeps: the cross product of value lists for config fields, run by an executor (``dispatch``)."""
 from __future__ import annotations
 
 import itertools
 import math
+import queue
 import threading
 import uuid
 from typing import Callable
 
 from . import limits
 from .config import FIELD_NAMES, BenchConfig, ConfigError
-from .progress import Progress, ProgressFn
+from .dispatch import Executor, LocalExecutor
+from .progress import ProgressFn
 from .results import Result
-from .worker import run
 
 # A sweep axis is a config field's name or, for one model dimension, this prefix and its key.
 OVERRIDE_PREFIX = "overrides."
+POLL_S = 0.05  # how soon a cancel is passed on while nothing arrives
 
 
 def dimension_axis(key: str) -> str:
@@ -109,25 +111,67 @@ def run_sweep(
     progress: ProgressFn | None = None,
     on_result: Callable[[Result], None] | None = None,
     cancel: threading.Event | None = None,
+    executor: Executor | None = None,
 ) -> list[Result]:
-    """Run ``configs`` in order in the device's warm worker; returns one result per config run.
+    """Run ``configs`` with ``executor`` (default ``LocalExecutor``: this machine's devices,
+    one config per GPU at once, one config after another on a box with one device); returns
+    one result per config run, in the order they finished.
 
-    Failures (oom, error, timeout) are results and the sweep goes on; a cancel stops it
-    after the cancelled config's result. All results share one new ``sweep_id``. Progress
-    events carry ``index`` (1-based config number) and ``count`` (configs in the sweep).
-    ``on_result`` sees each result as it arrives (to store or print it).
+    Failures (oom, error, timeout) are results and the sweep goes on; a cancel stops it: no
+    config starts after it and the running ones end "cancelled". All results share one new
+    ``sweep_id``. Progress events carry ``index`` (1-based config number) and ``count``
+    (configs in the sweep). ``progress`` and ``on_result`` are called on the caller's thread,
+    ``on_result`` with each result as it finishes (to store or print it); an exception from
+    either (or an interrupt) stops the sweep, the running configs are cancelled, and it
+    propagates once nothing runs any more.
     """
     sweep_id = uuid.uuid4().hex
-    results: list[Result] = []
-    count = len(configs)
-    for index, config in enumerate(configs, start=1):
-        def forward(event: Progress, index: int = index) -> None:
-            progress(event.within(index=index, count=count))
+    executor = executor or LocalExecutor()
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    finished = object()
 
-        result = run(config, forward if progress is not None else None, cancel, sweep_id)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-        if result.status == "cancelled":
-            break
-    return results
+    def emit(index: int, item) -> None:
+        handled = threading.Event()
+        items.put((index, item, handled))
+        # A result is stored before its lane starts another config: a sweep stopped by a
+        # failure to store it (a full disk) starts nothing more.
+        while isinstance(item, Result) and not handled.wait(POLL_S) and not stop.is_set():
+            pass
+
+    def execute() -> None:
+        try:
+            executor(configs, sweep_id, emit, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            items.put((None, exc, None))
+        else:
+            items.put((None, finished, None))
+
+    thread = threading.Thread(target=execute, name="tradeoff-lab-sweep", daemon=True)
+    thread.start()
+    results: list[Result] = []
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                stop.set()
+            try:
+                index, item, handled = items.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if index is None:
+                if item is finished:
+                    return results
+                raise item  # the executor itself failed, e.g. the cluster went away
+            if isinstance(item, Result):
+                results.append(item)
+                if on_result is not None:
+                    on_result(item)
+                if cancel is not None and cancel.is_set():
+                    stop.set()  # before its lane may start another config
+                handled.set()
+            elif progress is not None:
+                progress(item.within(index=index + 1, count=len(configs)))
+    finally:
+        # On the way out by an exception: nothing this sweep started may outlive it.
+        stop.set()
+        thread.join()

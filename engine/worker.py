@@ -281,23 +281,29 @@ class _Stop(Exception):
         self.message = message
 
 
-def _fallback_env(device: str) -> dict:
+def fallback_env(device: str, key: str | None = None) -> dict:
     """What the parent knows without touching the device (initialising CUDA in the caller
-    would put a CUDA context on the GPU being measured)."""
+    would put a CUDA context on the GPU being measured): its type, and for a GPU its UUID
+    (``key``, when known), so a run that died before reporting still names the GPU of a box
+    with several."""
     torch = sys.modules.get("torch")
-    return {"device_type": device.split(":")[0], "torch": getattr(torch, "__version__", None),
-            "python": platform.python_version()}
+    device_type = device.split(":")[0]
+    return {"device_type": device_type, "torch": getattr(torch, "__version__", None),
+            "python": platform.python_version(), "gpu_uuid": key if device_type == "cuda" else None}
 
 
 class Worker:
     """One warm worker process, reused between calls and replaced after any failure.
 
     ``visible_devices``: the CUDA_VISIBLE_DEVICES value its processes get (one GPU's UUID),
-    or None for a CPU/MPS worker.
+    or None for a CPU/MPS worker. ``queue_key``: the device queue its calls wait in, when the
+    worker stands for a device other than the one its calls name (a sweep lane's stand-in in
+    tests); default: the queue of each call's device.
     """
 
-    def __init__(self, visible_devices: str | None = None) -> None:
+    def __init__(self, visible_devices: str | None = None, queue_key: str | None = None) -> None:
         self._visible_devices = visible_devices
+        self._queue_key = queue_key
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
         self._proc = None
@@ -337,26 +343,33 @@ class Worker:
         try:
             if cancel is not None and cancel.is_set():
                 raise _Stop("cancelled", "cancelled before it started")
+            # A lane's worker waits in its own device's queue; any other takes every GPU of the
+            # run's ranks, all callers in one order (sorted keys), so two runs that need
+            # overlapping GPUs never each hold one the other waits for.
+            keys = [self._queue_key] if self._queue_key else sorted(devices.device_keys(device, ranks))
             with contextlib.ExitStack() as held:
-                # Every caller takes its GPUs' queues in one order (sorted keys), so two runs
-                # that need overlapping GPUs never each hold one the other waits for.
-                tickets = [held.enter_context(device_queue(key, on_wait))
-                           for key in sorted(devices.device_keys(device, ranks))]
+                tickets = [held.enter_context(device_queue(key, on_wait)) for key in keys]
                 with self._lock:
                     return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, tickets)
         except _Stop as stop:
             return Outcome(stop.status, error=stop.message)
 
     def run(self, config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-            sweep_id: str | None = None) -> Result:
+            sweep_id: str | None = None, device: str | None = None) -> Result:
         """Benchmark ``config`` in the worker; always returns a Result ("ok", "oom", "error",
-        "timeout" or "cancelled")."""
-        outcome = self.call(benchmark_in_worker, config, sweep_id, device=config.device, timeout_s=config.timeout_s,
+        "timeout" or "cancelled").
+
+        ``device``: the device it waits for and runs on when not the config's own (a sweep
+        lane's ``cuda:1`` for an ``auto`` config); the worker's process sees only that GPU,
+        where every CUDA name is it, so the config itself, and the result, keep ``auto``.
+        """
+        device = device or config.device
+        outcome = self.call(benchmark_in_worker, config, sweep_id, device=device, timeout_s=config.timeout_s,
                             progress=progress, cancel=cancel, ranks=config.nproc)
         if outcome.ok:
             return outcome.value
-        device = resolve_device(config.device)
-        env = self._envs.get(device) or _fallback_env(device)
+        device = resolve_device(device)
+        env = self._envs.get(device) or fallback_env(device, self._queue_key or devices.device_key(device))
         return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
 
     def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, tickets: list[int]) -> Outcome:

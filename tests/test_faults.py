@@ -19,7 +19,6 @@ import time
 import pytest
 
 from engine import cli
-from engine import sweep as sweep_module
 from engine import worker as worker_module
 from engine.devicelock import device_queue
 from engine.results import Result, read_results
@@ -42,7 +41,7 @@ def no_worker(monkeypatch):
     monkeypatch.setattr(worker_module.Worker, "_spawn", refuse)
     monkeypatch.setattr(worker_module.Worker, "start", refuse)
     monkeypatch.setattr(worker_module, "run", refuse)
-    monkeypatch.setattr(sweep_module, "run", refuse)
+    monkeypatch.setattr(worker_module.Worker, "run", refuse)
 
 
 def _sized(result: Result, size: int) -> Result:
@@ -56,12 +55,12 @@ def fake_runs(monkeypatch):
     """Sweeps produce synthetic ok results of RESULT_BYTES bytes; returns the batches run."""
     ran = []
 
-    def fake_run(config, progress=None, cancel=None, sweep_id=None):
+    def fake_run(self, config, progress=None, cancel=None, sweep_id=None, device=None):
         ran.append(config.batch)
         result = make_result(**{k: v for k, v in config.to_dict().items() if k != "device"}).replace(sweep_id=sweep_id)
         return _sized(result, RESULT_BYTES)
 
-    monkeypatch.setattr(sweep_module, "run", fake_run)
+    monkeypatch.setattr(worker_module.Worker, "run", fake_run)
     monkeypatch.setattr(worker_module.Worker, "start", lambda self: None)
     return ran
 

@@ -100,12 +100,12 @@ def fake_run(monkeypatch):
     """Benchmarks return a synthetic result at once; returns the configs run."""
     ran = []
 
-    def run(config, progress=None, cancel=None, sweep_id=None):
+    def run(config, progress=None, cancel=None, sweep_id=None, device=None):
         ran.append(config)
         return make_result(batch=config.batch).replace(sweep_id=sweep_id)
 
     monkeypatch.setattr(worker_module, "run", run)
-    monkeypatch.setattr("engine.sweep.run", run)
+    monkeypatch.setattr(worker_module.Worker, "run", lambda self, *args, **kwargs: run(*args, **kwargs))
     monkeypatch.setattr(worker_module.Worker, "start", lambda self: None)
     return ran
 

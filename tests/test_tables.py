@@ -23,3 +23,15 @@ def test_a_diff_shows_memory_in_gib_never_raw_bytes():
     rows = dict(zip(metrics["metric"], metrics["A"]))
     assert "peak_allocated (GiB)" in rows and not any(name.endswith("_bytes") for name in rows)
     assert rows["peak_allocated (GiB)"] == a.metrics.peak_allocated_bytes / 2**30
+
+
+def test_a_queue_matches_results_finished_out_of_order_to_their_configs():
+    from engine.config import BenchConfig
+
+    configs = [BenchConfig(device="cpu", batch=b) for b in (1, 2, 4)]
+    # On a box with two GPUs the third config finished first, then the first one.
+    results = [make_result(batch=4), make_result("oom", batch=1)]
+    frame = tables.queue_frame(configs, results, finished=False)
+    assert list(frame["batch"]) == [1, 2, 4]
+    assert list(frame["state"]) == ["done", "running", "done"]
+    assert list(frame["status"])[::2] == ["oom", "ok"]

@@ -11,15 +11,18 @@ from .common import (CLIError, ProgressPrinter, add_config_flags, add_output_fla
 
 def _checked_and_warming(configs: list, args: argparse.Namespace) -> None:
     """The pre-run checks of ``configs``, with the memory check (which loads torch and builds
-    each model on the meta device, seconds) overlapping the worker's own start-up."""
+    each model on the meta device, seconds) overlapping the start-up of the workers of
+    every device the configs will run on."""
+    from ..dispatch import local_lanes
     from ..limits import check_memory
-    from ..worker import shared_worker
 
     for config in configs:
         check_runnable(config, check_memory=False)
     if args.force:
         return
-    shared_worker(configs[0].device, configs[0].nproc).start()
+    used = [lane for lane in local_lanes(configs) if any(lane.takes(config) for config in configs)]
+    for lane in used[:len(configs)]:  # one config uses one lane: the first, which `run` uses too
+        lane.runner.start()
     for config in configs:
         check_memory(config)
 
@@ -52,13 +55,41 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise CLIError("nothing to run: " + "; ".join(notes or ["no configurations"]))
     printer = ProgressPrinter()
     on_result = result_sinks(args, printer, print_json=args.json)
-    _checked_and_warming(configs, args)
+    executor = _executor(args)
+    if executor is None:
+        _checked_and_warming(configs, args)
+    else:
+        # The devices, the user's model and its memory are the cluster nodes' business: a
+        # node's worker turns what does not fit or import there into a failed result.
+        from ..limits import check_limits
+
+        for config in configs:
+            check_limits(config)
     for note in notes + accumulation_notes(configs):
         printer.line(f"note: {note}")
-    results = run_sweep(configs, printer, on_result)
+    results = run_sweep(configs, printer, on_result, executor=executor)
     if not args.json:
         print(format_table(results))
     return 0
+
+
+def _executor(args: argparse.Namespace):
+    """The sweep's executor: None for this machine's devices, else Ray's, joined now so that
+    a missing Ray or an unreachable cluster fails before anything runs."""
+    from ..dispatch import ExecutorError
+
+    if args.executor == "local":
+        if args.ray_address is not None:
+            raise CLIError("--ray-address: only with --executor ray")
+        return None
+    try:
+        from ..ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray_address)
+        executor.connect()
+    except ExecutorError as exc:
+        raise CLIError(str(exc)) from None
+    return executor
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -126,6 +157,12 @@ def register(subparsers) -> None:
                                   description="Benchmark the cross product of comma lists, e.g. --batch 1,2,4 --precision fp32,bf16. Continues past failures.")
     add_config_flags(sweep, lists=True)
     sweep.add_argument("--effective-batch", metavar="N", help="set accum = N / batch; skip batches that do not divide N")
+    sweep.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="where the configurations run: local (this machine, one at a time per GPU, every GPU at "
+                            "once) or ray (one Ray task per configuration on a cluster; needs requirements-ray.txt)")
+    sweep.add_argument("--ray-address", metavar="ADDRESS",
+                       help="with --executor ray: the cluster to join (auto, ray://host:10001); default $RAY_ADDRESS, "
+                            "else a Ray started on this machine")
     add_output_flags(sweep)
     _force_flag(sweep)
     sweep.set_defaults(func=_cmd_sweep)
