@@ -168,6 +168,7 @@ class FakeRay:
 @dataclasses.dataclass
 class StubWorker:
     device: str
+    ranks: int = 1
 
     def run(self, config, sweep_id=None, device=None):
         return make_result(sweep_id=sweep_id, batch=config.batch).replace(config=config)
@@ -176,9 +177,9 @@ class StubWorker:
 def _fake_executor(monkeypatch, gpus: float) -> tuple[RayExecutor, FakeRay, list]:
     fake, devices_run = FakeRay(gpus), []
 
-    def shared_worker(device):
-        devices_run.append(device)
-        return StubWorker(device)
+    def shared_worker(device, ranks=1):
+        devices_run.append(device if ranks == 1 else (device, ranks))
+        return StubWorker(device, ranks)
 
     monkeypatch.setattr(worker, "shared_worker", shared_worker)
     executor = RayExecutor()
@@ -242,6 +243,16 @@ def test_a_new_gpu_assignment_is_probed_again(monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         ray_executor._run_in_task(config, "sweep", 1)
     assert len(cleared) == 2  # for "0", then for "1"; not again for the same GPU
+
+
+def test_a_data_parallel_task_gets_a_worker_for_every_gpu_ray_gave_it(monkeypatch):
+    executor, fake, devices_run = _fake_executor(monkeypatch, gpus=2)
+    placement = importlib.import_module("ray.util.placement_group")
+    monkeypatch.setattr(placement, "placement_group", lambda bundles, strategy: "group")
+    monkeypatch.setattr(placement, "remove_placement_group", lambda group: None)
+    results = run_sweep([BenchConfig(device="cuda", nproc=2, parallel="ddp")], executor=executor)
+    assert [o["num_gpus"] for o in fake.options] == [2]
+    assert devices_run == [("cuda:0", 2)] and results[0].ok  # Ray's two GPUs are the task's cuda:0 and cuda:1
 
 
 def test_a_run_of_several_gpus_reserves_them_on_one_node_and_gives_them_back(monkeypatch):
