@@ -25,6 +25,18 @@ PRESETS: dict[str, tuple[str, dict[str, int]]] = {
 }
 
 
+# Families whose models compute attention (with F.scaled_dot_product_attention).
+ATTENTION_FAMILIES = ("gpt",)
+
+
+def has_attention(name: str) -> bool | None:
+    """Whether model ``name`` computes attention: a preset by its family; None (unknown) for
+    a user's module:function."""
+    if is_user_model(name) or name not in PRESETS:
+        return None
+    return PRESETS[name][0] in ATTENTION_FAMILIES
+
+
 def is_user_model(name: str) -> bool:
     """Whether ``name`` is a user's ``module:function`` rather than a preset."""
     return ":" in name
