@@ -353,7 +353,7 @@ def checkpointed_blocks(ckpt: str, k: int, n_blocks: int) -> int:
     return sum(policy.selects(i, n_blocks) for i in range(n_blocks))
 
 
-def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
+def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str, attention: str = "auto") -> int:
     """Bytes one GPTBlock keeps for backward (no checkpointing).
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
@@ -375,10 +375,14 @@ def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -
       the next Linear keeps). fp32: 64 sbh bytes, bf16/fp16: 36 sbh bytes per layer.
     * Small terms Korthikanti drops, kept here because they are exact: LayerNorm mean and
       rstd (fp32, 2 per LayerNorm: 16sb bytes) and SDPA's logsumexp (fp32, 4asb bytes).
+    * With the math SDPA backend (``attention="math"``) the softmax output is an s×s matrix
+      per head that backward needs (a·s²·b in the compute dtype, Korthikanti's softmax term
+      without dropout), and there is no logsumexp.
     """
     c = _COMPUTE_BYTES[precision]
     sbh = s * b * h
-    return sbh * (2 * _FP32 + 14 * c) + 16 * s * b + 4 * a * s * b
+    attention_bytes = c * a * s * s * b if attention == "math" else 4 * a * s * b
+    return sbh * (2 * _FP32 + 14 * c) + 16 * s * b + attention_bytes
 
 
 def _gpt_block_input_bytes(s: int, b: int, h: int) -> int:
@@ -391,7 +395,8 @@ def _gpt_selective_layer_bytes(s: int, b: int, h: int, a: int, precision: str) -
     # Selective checkpointing saves the block input, the matmul outputs (q/k/v 3,
     # projection 1, fc 4, fc_proj 1 = 9 sbh elements in the compute dtype) and the attention
     # kernel's outputs (its output, sbh in the compute dtype, and the fp32 logsumexp, a·s·b),
-    # and recomputes the LayerNorms, GELU and residual adds.
+    # and recomputes the LayerNorms, GELU and residual adds. (The math SDPA backend is no
+    # kernel the policy saves: it keeps less, which this does not model.)
     return _gpt_block_input_bytes(s, b, h) + 10 * s * b * h * _COMPUTE_BYTES[precision] + 4 * a * s * b
 
 
@@ -399,7 +404,7 @@ def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _M
     """inputs, activations and backward transient (bytes) of a GPT preset, with notes."""
     s, h, L, a, V = dims["seq_len"], dims["d_model"], dims["n_layers"], dims["n_heads"], dims["vocab"]
     b, c = batch, _COMPUTE_BYTES[config.precision]
-    full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision)
+    full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision, config.attention)
     n_ckpt = checkpointed_blocks(config.ckpt, config.k, L)
     per_ckpt = (
         _gpt_selective_layer_bytes(s, b, h, a, config.precision)

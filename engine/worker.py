@@ -382,14 +382,14 @@ class Worker:
             self._kill()
             raise
 
-    def start(self, alloc_conf: str | None = None) -> None:
+    def start(self) -> None:
         """Start the worker process now without waiting for it (it imports torch and the
         engine, seconds), e.g. while the caller runs its own pre-run checks; the next call
-        waits until it is ready (or replaces it if its ``alloc_conf`` differs). Nothing
-        touches the device until a call holds it."""
+        waits until it is ready (or, with allocator settings, replaces it: a fork, a
+        fraction of a second). Nothing touches the device until a call holds it."""
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
-                self._spawn(alloc_conf)
+                self._spawn()
 
     def _spawn(self, alloc_conf: str | None = None) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)

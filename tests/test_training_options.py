@@ -235,6 +235,16 @@ def test_math_and_flash_attention_run_on_the_cpu(backend):
     assert result.config.attention == backend and result.metrics.step_ms.median > 0
 
 
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_the_analytic_activations_follow_the_attention_backend(backend):
+    # The math backend keeps each head's s×s softmax output for backward; flash keeps none.
+    config = tiny(batch=8, attention=backend)
+    measured = run_benchmark(config).metrics
+    estimate = predict.analytic_estimate(config)
+    assert estimate.activations == pytest.approx(measured.memory_breakdown_bytes.activations, rel=0.01)
+    assert estimate.peak == pytest.approx(measured.peak_allocated_bytes, rel=0.01)
+
+
 # ------------------------------------------------------------------------- allocator settings
 @pytest.mark.parametrize("text", ["expandable_segments:True", "expandable_segments:False",
                                   "expandable_segments:True,max_split_size_mb:128",

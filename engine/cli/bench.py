@@ -19,7 +19,7 @@ def _checked_and_warming(configs: list, args: argparse.Namespace) -> None:
         check_runnable(config, check_memory=False)
     if args.force:
         return
-    shared_worker(configs[0].device).start(configs[0].alloc_conf)
+    shared_worker(configs[0].device).start()
     for config in configs:
         check_memory(config)
 
