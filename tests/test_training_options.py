@@ -64,6 +64,15 @@ def test_make_optimizer_refuses_a_fused_adafactor():
         make_optimizer(torch.nn.Linear(4, 3), "adafactor", torch.device("cpu"), "fused")
 
 
+def test_a_torch_without_adafactor_refuses_it_before_the_run(monkeypatch):
+    from engine import config as config_module
+
+    monkeypatch.setattr(config_module, "adafactor_available", lambda: False)
+    with pytest.raises(ConfigError, match="torch >= 2.5"):
+        check_runnable(tiny(optimizer="adafactor"))
+    check_runnable(tiny(optimizer="adamw"))
+
+
 def test_the_cli_refuses_fused_adafactor_in_one_line():
     done = subprocess.run([sys.executable, "-m", "engine", "run", "--optimizer", "adafactor", "--optimizer-impl", "fused",
                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
@@ -316,6 +325,18 @@ def test_a_cuda_run_hands_its_allocator_settings_to_the_worker(monkeypatch):
     config = BenchConfig(device="cuda", warmup=1, alloc_conf="expandable_segments:True")
     result = Worker("GPU-test").run(config)
     assert result.status == "error" and calls[0]["alloc_conf"] == "expandable_segments:True"
+
+
+def test_a_timeline_runs_in_a_worker_with_its_allocator_settings(monkeypatch):
+    from engine import timeline
+
+    calls = []
+    monkeypatch.setattr(timeline, "call", lambda *args, **kwargs: calls.append(kwargs) or Outcome("ok", []))
+    config = BenchConfig(device="cuda", warmup=1, alloc_conf="expandable_segments:True")
+    timeline.timelines([config, config.replace(ckpt="full")])
+    assert calls[0]["alloc_conf"] == "expandable_segments:True" and calls[0]["fresh"]
+    with pytest.raises(ValueError, match="one allocator setting"):
+        timeline.timelines([config, config.replace(alloc_conf=None)])
 
 
 # ------------------------------------------------------------------------- in words
