@@ -393,8 +393,12 @@ class BenchConfig:
         2nd block`` (without the model when ``with_model`` is False)."""
         parts = [self.model_label] if with_model else []
         parts += [f"batch {self.batch} × accum {self.accum}", self.precision, ckpt_words(self.ckpt, self.k)]
-        parts += [f.words(getattr(self, f.name)) for f in DESCRIBED_FIELDS if getattr(self, f.name) != f.default]
-        return ", ".join(parts)
+        return ", ".join(parts + self.settings_words())
+
+    def settings_words(self) -> list[str]:
+        """The described fields (optimizer, attention...) not at their default, in words
+        ("adafactor", "math attention")."""
+        return [f.words(getattr(self, f.name)) for f in DESCRIBED_FIELDS if getattr(self, f.name) != f.default]
 
 
 def ckpt_words(ckpt: str, k: int) -> str:

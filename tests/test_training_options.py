@@ -352,6 +352,13 @@ def test_descriptions_and_labels_name_the_new_settings():
         assert part in words
     assert "attention" not in BenchConfig().describe() and "optimizer step" not in BenchConfig().describe()
 
+    from engine.cli.common import format_table, result_line
+
+    run = make_result(optimizer="sgd", optimizer_impl="loop")
+    assert "sgd loop optimizer step" in result_line(run)
+    header, _, row = format_table([run]).splitlines()
+    assert "settings" in header and "opt ms" in header and "sgd, loop optimizer step" in row
+
     runs = [make_result(attention="math"), make_result(attention="flash")]
     assert [label.split(" · ")[-1] for label in run_labels(runs)] == ["math attention", "flash attention"]
     frame = runs_frame(runs)

@@ -175,7 +175,8 @@ def _ms(summary) -> str:
 
 def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
-    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+    return " ".join([f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}",
+                     *config.settings_words()])
 
 
 def result_line(result: Result) -> str:
@@ -204,12 +205,13 @@ def format_table(results: list[Result]) -> str:
         error = r.error or ""
         rows.append((
             r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
-            _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
+            ", ".join(c.settings_words()) or "-",
+            _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms), _ms(m.optimizer_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "spread", "fwd ms",
-                  "bwd ms", "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "settings", "step ms", "spread",
+                  "fwd ms", "bwd ms", "opt ms", "samples/s", "peak alloc", "error"), rows)
 
 
 def one_line(text: str) -> str:
