@@ -264,27 +264,26 @@ _ALLOC_CONF_ALLOWED = ("key:value[,key:value] with keys " + ", ".join(ALLOC_CONF
                        + " (e.g. expandable_segments:True), or none")
 
 
-def alloc_conf_settings(text: str) -> dict[str, str]:
-    """The key -> value pairs of an allocator setting ``text``; ConfigError naming
-    ``alloc_conf`` for anything the allow-list does not hold."""
+def _check_alloc_conf_text(text: Any) -> None:
+    """ConfigError naming ``alloc_conf`` unless ``text`` is key:value pairs the allow-list holds,
+    each key once."""
     if not isinstance(text, str) or not text.strip() or len(text) > 200:
         raise ConfigError("alloc_conf", text, _ALLOC_CONF_ALLOWED)
-    settings: dict[str, str] = {}
+    seen: set[str] = set()
     for item in text.split(","):
         key, sep, value = (part.strip() for part in item.partition(":"))
-        if key not in ALLOC_CONF_KEYS or not sep or key in settings:
-            raise ConfigError("alloc_conf", text, _ALLOC_CONF_ALLOWED + (f"; {key} twice" if key in settings else ""))
+        if key not in ALLOC_CONF_KEYS or not sep or key in seen:
+            raise ConfigError("alloc_conf", text, _ALLOC_CONF_ALLOWED + (f"; {key} twice" if key in seen else ""))
         valid, words = ALLOC_CONF_KEYS[key]
         if not valid(value):
             raise ConfigError("alloc_conf", text, f"{key}: {words}")
-        settings[key] = value
-    return settings
+        seen.add(key)
 
 
 def _check_alloc_conf(config: "BenchConfig") -> None:
     if config.alloc_conf is None:
         return
-    alloc_conf_settings(config.alloc_conf)
+    _check_alloc_conf_text(config.alloc_conf)
     if isinstance(config.device, str) and config.device in ("cpu", "mps"):
         _no_cuda_allocator(config.alloc_conf, config.device)
 
