@@ -15,6 +15,7 @@ from engine.config import GIB
 from engine.measure import run_benchmark
 from engine.step import build_step, make_optimizer
 from engine.worker import Outcome, Worker
+from tests.app_fixtures import app_db  # noqa: F401
 from tests.test_step import TINY
 
 
@@ -293,8 +294,15 @@ def allocator_env(channel) -> tuple:
             devices.allocator_settings())
 
 
-def test_the_worker_gets_the_configs_allocator_settings_and_restarts_when_they_change(monkeypatch):
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # inherited: must not win
+def test_setting_the_allocator_removes_an_inherited_generic_variable(monkeypatch):
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # torch would read it too
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    devices.set_alloc_conf("expandable_segments:True")
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    assert devices.allocator_settings() == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+
+
+def test_the_worker_gets_the_configs_allocator_settings_and_restarts_when_they_change():
     worker = Worker()
     try:
         def ask(alloc_conf):
@@ -308,8 +316,9 @@ def test_the_worker_gets_the_configs_allocator_settings_and_restarts_when_they_c
         assert ask("expandable_segments:True")[0] == pid  # same settings: the warm worker
         changed = ask("expandable_segments:False,max_split_size_mb:64")
         assert changed[0] != pid and changed[1] == "expandable_segments:False,max_split_size_mb:64"
-        inherited = ask(None)  # none: a new worker with the environment's own settings
-        assert inherited[0] != changed[0] and inherited[1:3] == (None, "expandable_segments:False")
+        # None: a new worker with the environment's own settings (whatever they are), not the last config's.
+        inherited = ask(None)
+        assert inherited[0] != changed[0] and inherited[1] != changed[1]
     finally:
         worker.close()
 
@@ -364,3 +373,16 @@ def test_descriptions_and_labels_name_the_new_settings():
     frame = runs_frame(runs)
     assert list(frame["attention"]) == ["math", "flash"]
     assert {"optimizer", "optimizer impl", "alloc conf"} <= set(frame.columns)
+
+
+def test_the_form_offers_the_new_fields_and_names_a_misplaced_allocator_setting(app_db):  # noqa: F811
+    from tests.app_fixtures import open_app, shown
+
+    at = open_app()
+    assert at.sidebar.selectbox(key="config.optimizer_impl").options == ["auto", "fused", "foreach", "loop"]
+    assert "flash" in at.sidebar.selectbox(key="config.attention").options
+    at.sidebar.selectbox(key="config.device").set_value("cpu")
+    at.sidebar.text_input(key="config.alloc_conf").set_value("expandable_segments:True").run()
+    assert any("alloc_conf" in shown(e.value) and "none on cpu" in shown(e.value) for e in at.error)
+    at.sidebar.text_input(key="config.alloc_conf").set_value("").run()  # cleared: none again
+    assert not [e for e in at.error if "alloc_conf" in shown(e.value)]
