@@ -170,7 +170,9 @@ def _widget(field: ConfigField, values: dict):
                                 step=float(spec.step or 1.0), placeholder="none" if field.nullable else None, **common)
         # A nullable number: empty means none, and so does 0 (the memory cap's old "0 = none").
         return None if field.nullable and not value else value
-    return st.text_input(**common)
+    text = st.text_input(**common)
+    # A nullable text (blocks, allocator settings) left or cleared empty means none.
+    return None if field.nullable and not (text or "").strip() else text
 
 
 # Widgets of fields whose options come from elsewhere than the field's declaration.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from engine.config import GIB, BenchConfig
+from engine.config import DESCRIBED_FIELDS, GIB, BenchConfig
 from engine.results import Result
 
 from .charts.runs import field_value
@@ -18,7 +18,8 @@ _COLUMNS = {
     "effective batch": lambda r: r.metrics.effective_batch,
     "precision": lambda r: r.config.precision,
     "ckpt": lambda r: field_value(r, "ckpt"),
-    "optimizer": lambda r: r.config.optimizer,
+    # The described fields (optimizer, attention...), one column each, from their declaration.
+    **{f.name.replace("_", " "): (lambda r, name=f.name: getattr(r.config, name)) for f in DESCRIBED_FIELDS},
     "device": lambda r: r.env.label,
     "environment": lambda r: r.environment_words,
     "samples/s": lambda r: r.metrics.samples_per_s,

@@ -15,7 +15,7 @@ from typing import Callable
 import plotly.graph_objects as go
 
 from engine import frontier, gains
-from engine.config import GIB, BenchConfig
+from engine.config import DESCRIBED_FIELDS, GIB, BenchConfig
 from engine.results import Result
 
 from .charts import decisions
@@ -36,8 +36,10 @@ def _config(**fields) -> BenchConfig:
 
 def talk_key(config: BenchConfig) -> tuple:
     """What makes two runs the same experiment for a chapter: model and dimensions, batch,
-    accumulation, precision, checkpointing and optimizer (not the device they ran on)."""
-    return (config.model_label, config.batch, config.accum, config.precision, config.ckpt, config.optimizer)
+    accumulation, precision, checkpointing and the described fields (optimizer, attention...;
+    not the device they ran on)."""
+    return (config.model_label, config.batch, config.accum, config.precision, config.ckpt,
+            *(getattr(config, f.name) for f in DESCRIBED_FIELDS))
 
 
 def chapter_runs(configs: list[BenchConfig], runs: list[Result], host_id: str) -> list[Result]:

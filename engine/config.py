@@ -32,7 +32,9 @@ def gib_words(num_bytes: float) -> str:
 
 Precision = Literal["fp32", "fp16", "bf16"]
 CkptPolicy = Literal["none", "full", "every-k", "selective"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "adafactor"]
+OptimizerImpl = Literal["auto", "fused", "foreach", "loop"]
+Attention = Literal["auto", "math", "flash", "efficient", "cudnn"]
 Parallel = Literal["none", "ddp", "fsdp"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
@@ -75,6 +77,9 @@ class FieldSpec:
     applies_when: tuple[str, tuple] | None = None  # (field, values) under which this field matters
     check: Callable[["BenchConfig"], None] | None = None  # extra value check of the whole config
     allowed: str = ""  # what a free-text field allows, in words
+    # How a value other than the default reads in a configuration's description and a run's
+    # label ("{} attention"); empty: the field is not described there.
+    words: str = ""
 
 
 def setting(default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, **spec) -> Any:
@@ -167,6 +172,148 @@ def _check_blocks(config: "BenchConfig") -> None:
         raise ConfigError("blocks", blocks, _BLOCKS_ALLOWED)
 
 
+# ------------------------------------------------------------------ optimizer, attention, allocator
+# The implementations torch.optim has per optimizer: Adafactor takes only ``foreach`` (it has
+# no fused kernel). "auto" is in every list; ``optimizer_impl_for`` resolves it.
+OPTIMIZER_IMPLS: dict[str, tuple[str, ...]] = {
+    "adamw": ("auto", "fused", "foreach", "loop"),
+    "sgd": ("auto", "fused", "foreach", "loop"),
+    "adafactor": ("auto", "foreach", "loop"),
+}
+
+
+def optimizer_impl_for(optimizer: str, impl: str, device_type: str) -> str:
+    """The implementation a run of ``optimizer`` uses on ``device_type``: ``impl`` itself, and
+    for "auto" the fused kernel on CUDA where the optimizer has one (it also takes
+    GradScaler's inf check on the device, so the fp16 step needs no host synchronisation),
+    else foreach (multi-tensor kernels), the choice the engine has always made."""
+    if impl != "auto":
+        return impl
+    return "fused" if device_type == "cuda" and "fused" in OPTIMIZER_IMPLS[optimizer] else "foreach"
+
+
+def _check_optimizer_impl(config: "BenchConfig") -> None:
+    allowed = OPTIMIZER_IMPLS[config.optimizer]
+    if config.optimizer_impl not in allowed:
+        raise ConfigError("optimizer_impl", config.optimizer_impl,
+                          f"{', '.join(allowed)} with {config.optimizer} (torch has no {config.optimizer_impl} "
+                          f"{config.optimizer})")
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """Where one SDPA backend runs (PyTorch's sdp_utils.cpp and sdp_utils_cpp.cpp): device
+    types, the least CUDA compute capability, and whether on CUDA it takes fp16/bf16 only."""
+
+    device_types: tuple[str, ...]
+    min_capability: tuple[int, int] | None = None
+    half_only_on_cuda: bool = False
+
+
+# On the CPU, the math kernel and a flash-attention kernel of its own (fp32 included); on
+# CUDA, memory-efficient from sm50, flash and cuDNN from sm80 and for fp16/bf16 only; on MPS
+# its math kernel.
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "math": AttentionBackend(("cpu", "cuda", "mps")),
+    "flash": AttentionBackend(("cpu", "cuda"), (8, 0), half_only_on_cuda=True),
+    "efficient": AttentionBackend(("cuda",), (5, 0)),
+    "cudnn": AttentionBackend(("cuda",), (8, 0), half_only_on_cuda=True),
+}
+
+
+def _backend_problem(name: str, device_type: str, precision: str, capability: tuple[int, int] | None) -> str | None:
+    """Why SDPA backend ``name`` cannot run there, or None (also when the capability is unknown)."""
+    backend = ATTENTION_BACKENDS.get(name)
+    if backend is None:  # "auto": torch picks what runs
+        return None
+    if device_type not in backend.device_types:
+        return f"{name} needs {' or '.join(backend.device_types)}"
+    if device_type != "cuda":
+        return None
+    if backend.half_only_on_cuda and precision == "fp32":
+        return f"{name} on CUDA needs fp16 or bf16"
+    if backend.min_capability and capability is not None and tuple(capability) < backend.min_capability:
+        need = ".".join(map(str, backend.min_capability))
+        return f"{name} needs compute capability >= {need}"
+    return None
+
+
+def check_attention_backend(attention: str, device_type: str, precision: str, device_words: str,
+                            capability: tuple[int, int] | None = None) -> None:
+    """Raise ConfigError naming the device when SDPA backend ``attention`` cannot run on it
+    (``device_words``: the device in words, e.g. "cuda (Tesla V100, compute capability 7.0)")."""
+    problem = _backend_problem(attention, device_type, precision, capability)
+    if problem is not None:
+        allowed = [name for name in typing.get_args(Attention)
+                   if _backend_problem(name, device_type, precision, capability) is None]
+        raise ConfigError("attention", attention, f"{', '.join(allowed)} on {device_words} ({problem})")
+
+
+def _check_attention(config: "BenchConfig") -> None:
+    if config.attention == "auto":
+        return
+    if presets.has_attention(config.model) is False:
+        with_attention = [name for name in presets.PRESETS if presets.has_attention(name)]
+        raise ConfigError("attention", config.attention,
+                          f"auto (attention applies only to models with attention: {', '.join(with_attention)} "
+                          f"or your own module:function; {config.model} has none)")
+    if isinstance(config.device, str) and config.device != "auto" and DEVICE_PATTERN.match(config.device):
+        device_type = config.device.split(":")[0]
+        check_attention_backend(config.attention, device_type, config.precision, device_type)
+
+
+def _alloc_flag(value: str) -> bool:
+    return value in ("True", "False")
+
+
+def _power_of_two(value: str) -> bool:
+    return value.isdigit() and int(value) > 0 and int(value) & (int(value) - 1) == 0
+
+
+# The CUDA caching allocator's settings a config may set, in PYTORCH_CUDA_ALLOC_CONF's syntax
+# (key:value[,key:value]): key -> (value check, the values in words), as c10's allocator
+# config parses them.
+ALLOC_CONF_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "expandable_segments": (_alloc_flag, "True or False"),
+    "max_split_size_mb": (lambda v: v.isdigit() and 20 <= int(v) <= 10**9, "an integer of MiB >= 20"),
+    "garbage_collection_threshold": (lambda v: bool(re.fullmatch(r"0?\.\d{1,6}", v)) and 0 < float(v) < 1,
+                                     "a fraction between 0 and 1"),
+    "roundup_power2_divisions": (_power_of_two, "a power of 2"),
+    "backend": (lambda v: v in ("native", "cudaMallocAsync"), "native or cudaMallocAsync"),
+}
+_ALLOC_CONF_ALLOWED = ("key:value[,key:value] with keys " + ", ".join(ALLOC_CONF_KEYS)
+                       + " (e.g. expandable_segments:True), or none")
+
+
+def _check_alloc_conf_text(text: Any) -> None:
+    """ConfigError naming ``alloc_conf`` unless ``text`` is key:value pairs the allow-list holds,
+    each key once."""
+    if not isinstance(text, str) or not text.strip() or len(text) > 200:
+        raise ConfigError("alloc_conf", text, _ALLOC_CONF_ALLOWED)
+    seen: set[str] = set()
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition(":"))
+        if key not in ALLOC_CONF_KEYS or not sep or key in seen:
+            raise ConfigError("alloc_conf", text, _ALLOC_CONF_ALLOWED + (f"; {key} twice" if key in seen else ""))
+        valid, words = ALLOC_CONF_KEYS[key]
+        if not valid(value):
+            raise ConfigError("alloc_conf", text, f"{key}: {words}")
+        seen.add(key)
+
+
+def _check_alloc_conf(config: "BenchConfig") -> None:
+    if config.alloc_conf is None:
+        return
+    _check_alloc_conf_text(config.alloc_conf)
+    if isinstance(config.device, str) and config.device in ("cpu", "mps"):
+        _no_cuda_allocator(config.alloc_conf, config.device)
+
+
+def _no_cuda_allocator(alloc_conf: str, device: str) -> None:
+    raise ConfigError("alloc_conf", alloc_conf,
+                      f"none on {device} (the settings configure the CUDA caching allocator, which {device} does not use)")
+
+
 def _check_int(name: str, value: Any, minimum: float | None, maximum: float | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
@@ -194,7 +341,26 @@ class BenchConfig:
                                       "(e.g. 'layer*.*'); empty: found automatically",
                                  allowed=_BLOCKS_ALLOWED, check=_check_blocks,
                                  applies_when=("ckpt", ("full", "every-k", "selective")))
-    optimizer: Optimizer = setting("adamw", label="Optimizer", help="optimizer", sweep="adamw,sgd")
+    optimizer: Optimizer = setting("adamw", label="Optimizer",
+                                   help="optimizer (adafactor: torch.optim.Adafactor, factored second moments)",
+                                   sweep="adamw,sgd,adafactor", words="{}")
+    optimizer_impl: OptimizerImpl = setting("auto", label="Optimizer implementation",
+                                            help="how the optimizer step runs: fused (one kernel), foreach "
+                                                 "(multi-tensor kernels) or loop (per parameter); auto: fused where "
+                                                 "the optimizer and device support it (adamw and sgd on CUDA), "
+                                                 "else foreach",
+                                            sweep="fused,foreach,loop", check=_check_optimizer_impl,
+                                            words="{} optimizer step")
+    attention: Attention = setting("auto", label="Attention kernel",
+                                   help="scaled-dot-product attention backend for forward and backward "
+                                        "(torch.nn.attention.sdpa_kernel); auto: torch picks",
+                                   sweep="math,flash", check=_check_attention, words="{} attention")
+    alloc_conf: str | None = setting(None, label="CUDA allocator settings",
+                                     help="CUDA caching-allocator settings of the worker process "
+                                          "(PYTORCH_CUDA_ALLOC_CONF syntax), e.g. expandable_segments:True; "
+                                          "CUDA only",
+                                     allowed=_ALLOC_CONF_ALLOWED, check=_check_alloc_conf,
+                                     sweep="expandable_segments:False,expandable_segments:True", words="allocator {}")
     warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
                           minimum=0, check=_check_warmup)
     steps: int = setting(10, label="Measured steps", help="measured optimizer steps", minimum=1)
@@ -262,11 +428,15 @@ class BenchConfig:
         2nd block`` (without the model when ``with_model`` is False)."""
         parts = [self.model_label] if with_model else []
         parts += [f"batch {self.batch} × accum {self.accum}", self.precision, ckpt_words(self.ckpt, self.k)]
-        if self.optimizer != "adamw":
-            parts.append(self.optimizer)
+        parts += self.settings_words()
         if self.distributed:
             parts.append(parallel_words(self.parallel, self.nproc, self.reshard))
         return ", ".join(parts)
+
+    def settings_words(self) -> list[str]:
+        """The described fields (optimizer, attention...) not at their default, in words
+        ("adafactor", "math attention")."""
+        return [f.words(getattr(self, f.name)) for f in DESCRIBED_FIELDS if getattr(self, f.name) != f.default]
 
 
 def parallel_words(parallel: str, nproc: int, reshard: bool = True) -> str:
@@ -397,6 +567,10 @@ class ConfigField:
             return f"{value:g}"
         return str(value)
 
+    def words(self, value: Any) -> str:
+        """``value`` as a configuration's description says it (``spec.words``)."""
+        return self.spec.words.format(self.format(value))
+
     def applies(self, config: BenchConfig | dict) -> bool:
         """Whether this field matters for ``config`` (``k`` only with every-k checkpointing)."""
         if self.spec.applies_when is None:
@@ -427,6 +601,9 @@ FIELDS_BY_NAME: dict[str, ConfigField] = {f.name: f for f in CONFIG_FIELDS}
 # The fields set by a plain value (every one but the model dimensions, set by --set KEY=VALUE).
 SCALAR_FIELDS: tuple[ConfigField, ...] = tuple(f for f in CONFIG_FIELDS if f.kind is not dict)
 SWEEP_FIELDS: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS if f.spec.sweep)
+# Fields a description and a run label name when not at their default (after model, batch,
+# precision and checkpointing, which are always said).
+DESCRIBED_FIELDS: tuple[ConfigField, ...] = tuple(f for f in CONFIG_FIELDS if f.spec.words)
 
 
 def sweep_values(field: ConfigField) -> list:
@@ -457,10 +634,19 @@ def selective_checkpoint_available() -> bool:
     return hasattr(ckpt, "create_selective_checkpoint_contexts")
 
 
+def adafactor_available() -> bool:
+    """Whether the installed torch has ``torch.optim.Adafactor`` (torch >= 2.5)."""
+    import torch.optim
+
+    return hasattr(torch.optim, "Adafactor")
+
+
 def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     """The checks that need this machine, called just before a run: the config is within
     this server's limits (``engine.limits``), the device is present, a memory cap fits it,
-    the torch has the checkpointing policy, a user model imports and honours the contract
+    allocator settings go to a CUDA device, the attention backend runs on the device (its
+    compute capability, from the device probe), the torch has the optimizer and the
+    checkpointing policy, a user model imports and honours the contract
     (built on the meta device, so it allocates nothing), and, unless ``check_memory`` is
     False (the CLI's ``--force``; the batch finder, whose trials must meet their real OOM),
     its analytic peak memory is not several times what the device has.
@@ -476,6 +662,17 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     resolved = devices.resolve_device(config.device)
     if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision):
         _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
+    device_type = resolved.split(":")[0]
+    if config.alloc_conf is not None and device_type != "cuda":
+        _no_cuda_allocator(config.alloc_conf, resolved)
+    if config.attention != "auto":
+        gpu = devices.cuda_gpu_or_none(resolved)
+        capability = gpu.capability if gpu is not None else None
+        words = resolved if gpu is None else f"{resolved} ({gpu.name}" + (
+            f", compute capability {capability[0]}.{capability[1]})" if capability else ")")
+        check_attention_backend(config.attention, device_type, config.precision, words, capability)
+    if config.optimizer == "adafactor" and not adafactor_available():
+        raise ConfigError("optimizer", config.optimizer, "adamw, sgd (this torch has no Adafactor; it needs torch >= 2.5)")
     if config.ckpt == "selective" and not selective_checkpoint_available():
         raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
     if config.memory_cap_gib is not None:

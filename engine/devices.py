@@ -34,7 +34,8 @@ if torch.cuda.is_available():
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         uuid = str(getattr(p, "uuid", "") or "")
-        gpus.append({"index": i, "uuid": uuid or None, "name": p.name, "total_memory": int(p.total_memory)})
+        gpus.append({"index": i, "uuid": uuid or None, "name": p.name, "total_memory": int(p.total_memory),
+                     "capability": [p.major, p.minor]})
 print(json.dumps(gpus))
 """
 PROBE_TIMEOUT_S = 120.0
@@ -48,6 +49,8 @@ class CudaGpu:
     uuid: str | None  # "GPU-..." or "MIG-..."; None where CUDA reports none
     name: str
     total_memory: int
+    # (major, minor) compute capability: which attention kernels it runs; None if unknown.
+    capability: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -85,7 +88,8 @@ def cuda_gpus() -> tuple[CudaGpu, ...]:
         found = json.loads(out.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         return ()
-    return tuple(CudaGpu(g["index"], normalised_uuid(g["uuid"], g["name"]), g["name"], g["total_memory"]) for g in found)
+    return tuple(CudaGpu(g["index"], normalised_uuid(g["uuid"], g["name"]), g["name"], g["total_memory"],
+                         tuple(g["capability"]) if g.get("capability") else None) for g in found)
 
 
 def cuda_device_count() -> int:
@@ -121,6 +125,17 @@ def cuda_gpu(device: str) -> CudaGpu:
     """The CudaGpu a resolved ``cuda``/``cuda:N`` names in this process; IndexError if absent."""
     index = int(device.split(":")[1]) if ":" in device else 0
     return cuda_gpus()[index]
+
+
+def cuda_gpu_or_none(device: str) -> CudaGpu | None:
+    """The CudaGpu of a resolved CUDA device as the probe saw it; None for other devices, or
+    inside a worker (which never probes)."""
+    if not device.startswith("cuda") or PINNED_ENV in os.environ:
+        return None
+    try:
+        return cuda_gpu(device)
+    except IndexError:
+        return None
 
 
 def device_key(device: str) -> str:
@@ -242,6 +257,15 @@ def cpu_facts() -> dict:
 
 # Both names configure the CUDA caching allocator (the second is the older, still read).
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def set_alloc_conf(alloc_conf: str) -> None:
+    """Configure this (worker) process's CUDA caching allocator, before CUDA initialises:
+    PYTORCH_CUDA_ALLOC_CONF, which every torch reads (torch 2.13 reads it first, and
+    PYTORCH_ALLOC_CONF only without it); an inherited PYTORCH_ALLOC_CONF goes, so the process
+    holds exactly the config's settings and the fingerprint records them."""
+    os.environ.pop("PYTORCH_ALLOC_CONF", None)
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
 
 
 def allocator_settings() -> str | None:

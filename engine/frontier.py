@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from .config import GIB, BenchConfig
+from .config import DESCRIBED_FIELDS, GIB, BenchConfig
 from .results import Result
 
 
@@ -202,9 +202,15 @@ def recommend(
     return answer
 
 
+# The settings besides precision and checkpointing that make a candidate its own variant
+# (optimizer, its implementation, attention...): the described fields.
+_VARIANT_FIELDS = tuple(f.name for f in DESCRIBED_FIELDS)
+
+
 def _variant(config: BenchConfig) -> tuple:
     """The settings a candidate shares with its smaller-micro-batch siblings."""
-    return (config.precision, config.ckpt, config.k if config.ckpt == "every-k" else None, config.optimizer)
+    return (config.precision, config.ckpt, config.k if config.ckpt == "every-k" else None,
+            *(getattr(config, name) for name in _VARIANT_FIELDS))
 
 
 def missing_candidates(
@@ -218,7 +224,7 @@ def missing_candidates(
     """Configurations the recommendation depends on that were never measured.
 
     The candidate space is every micro-batch dividing ``effective_batch`` (accum = N / batch)
-    × every (precision, checkpointing, optimizer) combination already measured for this model:
+    × every (precision, checkpointing, optimizer, attention...) combination already measured for this model:
     the dimensions the user chose to explore. A candidate is left out when it was run (any
     status but cancelled), or when the same settings at a smaller-or-equal micro-batch ran
     out of memory or exceeded the budget (memory grows with the micro-batch).
@@ -244,5 +250,5 @@ def missing_candidates(
             if (batch, accum, variant) in done or batch >= too_big.get(variant, effective_batch + 1):
                 continue
             out.append(template.replace(batch=batch, accum=accum, precision=source.precision, ckpt=source.ckpt,
-                                        k=source.k, optimizer=source.optimizer))
+                                        k=source.k, **{name: getattr(source, name) for name in _VARIANT_FIELDS}))
     return out

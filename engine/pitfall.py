@@ -102,4 +102,4 @@ def pitfall(config: BenchConfig, progress=None, cancel=None) -> Outcome:
     Outcome's value is the comparison; a failure is its status (oom, error, timeout,
     cancelled)."""
     return call(measure_pitfall, config, device=config.device, timeout_s=config.timeout_s, progress=progress,
-                cancel=cancel)
+                cancel=cancel, alloc_conf=config.alloc_conf)

@@ -18,12 +18,13 @@ Both are compared with measurements wherever one exists (``comparison_rows``).
 from __future__ import annotations
 
 import functools
+import math
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from . import hf_table, presets
-from .config import GIB, BenchConfig
+from .config import GIB, BenchConfig, optimizer_impl_for
 from .devices import resolve_device
 from .results import Result
 
@@ -255,6 +256,7 @@ class AnalyticEstimate:
 class _ModelFacts:
     n_params: int
     n_param_tensors: int
+    param_shapes: tuple[tuple[int, ...], ...]  # of each parameter tensor, tied ones once
     # Weights autocast casts to the compute dtype (Linear/Conv), tied ones once: those in
     # one repeated block and those outside the blocks (the tied lm_head for GPT).
     cast_elems_per_block: int
@@ -309,6 +311,7 @@ def _model_facts_cached(model_name: str, overrides: tuple) -> _ModelFacts | None
     return _ModelFacts(
         n_params=sum(p.numel() for p in params.values()),
         n_param_tensors=len(params),
+        param_shapes=tuple(tuple(p.shape) for p in params.values()),
         cast_elems_per_block=sum(in_blocks.values()) // max(1, n_blocks),
         cast_elems_outside=sum(outside.values()),
         batch_norm_layers=tuple(models.batch_norm_layers(model)),
@@ -328,16 +331,39 @@ def batch_norm_layers(config: BenchConfig) -> tuple[str, ...] | None:
     return None if facts is None else facts.batch_norm_layers
 
 
-def optimizer_state_bytes(optimizer: str, n_params: int, n_param_tensors: int) -> int:
-    """Optimizer state as engine/step.py builds the optimizer (fp32 parameters).
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
 
-    AdamW keeps exp_avg and exp_avg_sq (fp32, one element each per parameter) and a 4-byte
-    ``step`` scalar per parameter tensor; SGD keeps one fp32 momentum buffer per parameter.
+
+def adafactor_state_elems(shape: tuple[int, ...]) -> int:
+    """Elements of torch.optim.Adafactor's second-moment state for a parameter of ``shape``
+    (torch/optim/_adafactor.py): for two or more dimensions a row factor (the shape with the
+    last dimension 1) and a column factor (the second-to-last 1), else a full-size variance."""
+    if len(shape) < 2:
+        return _numel(shape)
+    return _numel(shape) // shape[-1] + _numel(shape) // shape[-2]
+
+
+def optimizer_state_bytes(optimizer: str, param_shapes: Sequence[tuple[int, ...]], device_type: str = "cpu",
+                          impl: str = "auto") -> int:
+    """Device memory of the optimizer state as engine/step.py builds the optimizer (fp32
+    parameters of ``param_shapes``) on ``device_type`` in implementation ``impl``.
+
+    AdamW keeps exp_avg and exp_avg_sq (one fp32 element each per parameter); SGD one fp32
+    momentum buffer per parameter; Adafactor its factored second moments
+    (``adafactor_state_elems``). AdamW and Adafactor also keep a 4-byte ``step`` per
+    parameter tensor, which torch holds on the host unless the step is fused: on the device
+    it counts only on the CPU or for fused AdamW.
     """
+    n_params = sum(_numel(shape) for shape in param_shapes)
+    steps_on_device = device_type == "cpu" or optimizer_impl_for(optimizer, impl, device_type) == "fused"
+    step_bytes = _FP32 * len(param_shapes) if steps_on_device else 0
     if optimizer == "adamw":
-        return 2 * _FP32 * n_params + _FP32 * n_param_tensors
+        return 2 * _FP32 * n_params + step_bytes
     if optimizer == "sgd":
         return _FP32 * n_params
+    if optimizer == "adafactor":
+        return _FP32 * sum(adafactor_state_elems(shape) for shape in param_shapes) + step_bytes
     raise ValueError(f"no optimizer-state formula for {optimizer!r}")
 
 
@@ -431,7 +457,7 @@ def _matmul_input_bytes(shape: DecoderShape, readers: int, precision: str) -> in
     return shape.hidden * (_FP32 if precision == "fp32" else readers * c)
 
 
-def layer_activation_bytes(shape: DecoderShape, b: int, precision: str) -> int:
+def layer_activation_bytes(shape: DecoderShape, b: int, precision: str, attention: str = "auto") -> int:
     """Bytes one transformer block keeps for backward (no checkpointing) at micro-batch ``b``.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
@@ -456,23 +482,28 @@ def layer_activation_bytes(shape: DecoderShape, b: int, precision: str) -> int:
     * The MLP keeps what its activation's autograd keeps (``_MLP_SAVED``), per inner element.
     * Small terms Korthikanti drops, kept here because they are exact: LayerNorm mean and
       rstd (fp32; RMSNorm's rstd) and SDPA's logsumexp (fp32, 4asb bytes).
+    * With the math SDPA backend (``attention="math"``) the softmax output is an s×s matrix
+      per head that backward needs (a·s²·b in the compute dtype, Korthikanti's softmax term
+      without dropout), and there is no logsumexp.
     """
     c = _COMPUTE_BYTES[precision]
     d = shape.head_dim
+    # Per token: the fp32 logsumexp per head, or with the math backend a softmax row (s) per head.
+    attention_saved = c * shape.heads * shape.seq_len if attention == "math" else _FP32 * shape.heads
     per_token = (
         2 * _norm_bytes(shape)
         + _matmul_input_bytes(shape, 1 if shape.fused_qkv else 3, precision)
         + c * (shape.heads + 2 * shape.kv_heads) * d  # q, k, v (SDPA's inputs)
-        + c * shape.heads * d + _FP32 * shape.heads  # SDPA output and logsumexp
+        + c * shape.heads * d + attention_saved  # SDPA output and what its backward needs
         + _matmul_input_bytes(shape, 2 if shape.mlp == "swiglu" else 1, precision)
         + c * _MLP_SAVED[shape.mlp] * shape.inner
     )
     return shape.seq_len * b * per_token
 
 
-def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str) -> int:
+def gpt_layer_activation_bytes(s: int, b: int, h: int, a: int, precision: str, attention: str = "auto") -> int:
     """Bytes one GPTBlock of the presets keeps for backward (``layer_activation_bytes``)."""
-    return layer_activation_bytes(DecoderShape(s, h, 1, a, a, 4 * h, 1), b, precision)
+    return layer_activation_bytes(DecoderShape(s, h, 1, a, a, 4 * h, 1), b, precision, attention)
 
 
 def _block_input_bytes(shape: DecoderShape, b: int) -> int:
@@ -486,7 +517,8 @@ def _selective_layer_bytes(shape: DecoderShape, b: int, precision: str) -> int:
     # projection, the MLP's up projection(s) and down projection: 9 sbh elements for the GPT
     # preset, in the compute dtype) and the attention kernel's outputs (its output in the
     # compute dtype and the fp32 logsumexp), and recomputes norms, activations, rotary
-    # embeddings, casts and residual adds.
+    # embeddings, casts and residual adds. (The math SDPA backend is no kernel the policy
+    # saves: it keeps less, which this does not model.)
     c, d = _COMPUTE_BYTES[precision], shape.head_dim
     matmul_out = (shape.heads + 2 * shape.kv_heads) * d + shape.hidden + _MLP_MATMUL_OUT[shape.mlp] * shape.inner \
         + shape.hidden
@@ -498,7 +530,7 @@ def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, fact
     """inputs, activations and backward transient (bytes) of a decoder model, with notes."""
     s, h, L, V = shape.seq_len, shape.hidden, shape.layers, shape.vocab
     b, c = batch, _COMPUTE_BYTES[config.precision]
-    full_layer = layer_activation_bytes(shape, b, config.precision)
+    full_layer = layer_activation_bytes(shape, b, config.precision, config.attention)
     n_ckpt = checkpointed_blocks(config.ckpt, config.k, L)
     per_ckpt = (
         _selective_layer_bytes(shape, b, config.precision)
@@ -539,21 +571,31 @@ def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, fact
     }
 
 
-def optimizer_step_transient_bytes(optimizer: str, n_params: int, device_type: str) -> int:
-    """Temporary memory of the optimizer step as engine/step.py runs it.
+def optimizer_step_transient_bytes(optimizer: str, param_shapes: Sequence[tuple[int, ...]], device_type: str,
+                                   impl: str = "auto") -> int:
+    """Temporary memory of the optimizer step as engine/step.py runs it (about: the largest
+    scratch torch.optim allocates at one time).
 
-    Multi-tensor (foreach) AdamW, used off CUDA, materialises sqrt(exp_avg_sq) for every
-    parameter at once (one fp32 copy of the parameters); the fused CUDA kernel and SGD's
-    in-place momentum update allocate nothing of that size.
+    Fused kernels and SGD's in-place momentum update allocate nothing of parameter size.
+    Multi-tensor (foreach) AdamW materialises sqrt(exp_avg_sq) for every parameter at once, and
+    foreach Adafactor its full-size variance estimate (the matrices' list is still held while
+    the vectors' is made): one fp32 copy of the parameters. Per-parameter (loop) kernels hold
+    two such temporaries at a time (AdamW: sqrt(exp_avg_sq) and its quotient; Adafactor: the
+    previous parameter's estimate and the next): twice the largest parameter.
     """
-    return _FP32 * n_params if optimizer == "adamw" and device_type != "cuda" else 0
+    chosen = optimizer_impl_for(optimizer, impl, device_type)
+    if optimizer == "sgd" or chosen == "fused" or not param_shapes:
+        return 0
+    if chosen == "foreach":
+        return _FP32 * sum(_numel(shape) for shape in param_shapes)
+    return 2 * _FP32 * max(_numel(shape) for shape in param_shapes)
 
 
 def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type: str | None = None) -> AnalyticEstimate | None:
     """The analytic memory estimate of ``config`` at micro-batch ``batch`` (default: config.batch).
 
-    ``device_type`` ("cpu", "cuda"; default: the config's device) picks the optimizer
-    implementation engine/step.py would use. None when the model cannot be built on the
+    ``device_type`` ("cpu", "cuda"; default: the config's device) decides the optimizer
+    implementation "auto" stands for and where torch keeps the optimizer's step counters. None when the model cannot be built on the
     meta device (some user models).
     """
     facts = _model_facts(config)
@@ -563,8 +605,9 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     device_type = device_type or resolve_device(config.device).split(":")[0]
     params = _FP32 * facts.n_params  # parameters stay fp32; autocast casts copies
     grads = _FP32 * facts.n_params  # gradients of fp32 parameters are fp32
-    optimizer = optimizer_state_bytes(config.optimizer, facts.n_params, facts.n_param_tensors)
-    opt_transient = optimizer_step_transient_bytes(config.optimizer, facts.n_params, device_type)
+    optimizer = optimizer_state_bytes(config.optimizer, facts.param_shapes, device_type, config.optimizer_impl)
+    opt_transient = optimizer_step_transient_bytes(config.optimizer, facts.param_shapes, device_type,
+                                                   config.optimizer_impl)
     params, grads, optimizer, opt_transient, extra, dp_notes = _data_parallel_terms(
         config, facts, params, grads, optimizer, opt_transient)
     shape = decoder_shape(config)

@@ -31,6 +31,22 @@ PRESETS: dict[str, tuple[str, dict[str, int]]] = {
 MODELS: tuple[str, ...] = (*PRESETS, *hf_table.hf_names())
 
 
+# Families whose models compute attention (with F.scaled_dot_product_attention).
+ATTENTION_FAMILIES = ("gpt",)
+
+
+def has_attention(name: str) -> bool | None:
+    """Whether model ``name`` computes attention: a preset by its family, an ``hf:``
+    architecture always (built with SDPA); None (unknown) for a user's module:function."""
+    if is_user_model(name):
+        return None
+    if hf_table.is_hf(name):
+        return True
+    if name not in PRESETS:
+        return None
+    return PRESETS[name][0] in ATTENTION_FAMILIES
+
+
 def is_user_model(name: str) -> bool:
     """Whether ``name`` is a user's ``module:function`` rather than a preset or an ``hf:`` name."""
     return ":" in name and not hf_table.is_hf(name)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpointing, models
+from .config import OPTIMIZER_IMPLS, optimizer_impl_for
 from .devices import resolve_device
 
 PHASES = ("forward", "backward", "optimizer")
@@ -158,19 +159,42 @@ def make_timer(device: torch.device | str) -> PhaseTimer:
 
 
 # ------------------------------------------------------------------------------ the step
-def make_optimizer(model: nn.Module, name: str, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum; fused kernels on CUDA, multi-tensor (foreach) elsewhere.
+# torch.optim keyword arguments per implementation: "loop" is the per-parameter reference
+# implementation (foreach off, fused unset).
+_IMPL_KWARGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+
+
+def make_optimizer(model: nn.Module, name: str, device: torch.device, impl: str = "auto") -> torch.optim.Optimizer:
+    """AdamW, SGD with momentum or Adafactor in implementation ``impl`` ("fused", "foreach",
+    "loop", or "auto": ``config.optimizer_impl_for``, fused on CUDA where the optimizer has a
+    fused kernel, else foreach).
 
     The fused CUDA kernels also take GradScaler's inf check and unscale on the device, so the
     fp16 optimizer step needs no host synchronisation.
     """
+    if name not in OPTIMIZER_IMPLS:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZER_IMPLS)}")
+    if impl not in OPTIMIZER_IMPLS[name]:
+        raise ValueError(f"{name} has no {impl!r} implementation; allowed: {', '.join(OPTIMIZER_IMPLS[name])}")
     params = [p for p in model.parameters() if p.requires_grad]
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kwargs = _IMPL_KWARGS[optimizer_impl_for(name, impl, device.type)]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **impl)
+        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, **kwargs)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, **impl)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: adamw, sgd")
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, **kwargs)
+    return torch.optim.Adafactor(params, lr=1e-2, **kwargs)
+
+
+def attention_kernel(attention: str):
+    """The context that restricts scaled-dot-product attention to one backend
+    (``torch.nn.attention.sdpa_kernel``), or a no-op context for "auto" (torch picks)."""
+    if attention == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[attention]
+    return sdpa_kernel(backend)
 
 
 class TrainingStep:
@@ -194,7 +218,7 @@ class TrainingStep:
         if wrap is not None:
             self.model = wrap(self.model)
         self.model.train()
-        self.optimizer = make_optimizer(self.model, config.optimizer, self.device)
+        self.optimizer = make_optimizer(self.model, config.optimizer, self.device, config.optimizer_impl)
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
         # fp16 always with dynamic loss scaling: its gradients underflow without it.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -235,16 +259,18 @@ class TrainingStep:
         accum = len(self.batches)
         losses = []
         timer.mark("start")
-        for i, batch in enumerate(self.batches):
-            with self._gradient_sync(last=i == accum - 1):
-                with self.autocast():
-                    # Dividing by accum makes the summed micro-batch gradients equal the
-                    # gradient of the mean loss over the effective batch.
-                    loss = self.model(*batch) / accum
-                timer.mark("forward")
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            timer.mark("backward")
-            losses.append(loss.detach())
+        # Around backward too: checkpointing recomputes attention there.
+        with attention_kernel(self.config.attention):
+            for i, batch in enumerate(self.batches):
+                with self._gradient_sync(last=i == accum - 1):
+                    with self.autocast():
+                        # Dividing by accum makes the summed micro-batch gradients equal the
+                        # gradient of the mean loss over the effective batch.
+                        loss = self.model(*batch) / accum
+                    timer.mark("forward")
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                timer.mark("backward")
+                losses.append(loss.detach())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             self.scaler.step(self.optimizer)  # skipped when unscale_ found inf/NaN

@@ -229,8 +229,13 @@ def timelines(configs: list[BenchConfig], progress=None, cancel=None) -> Outcome
     devices = {config.device for config in configs}
     if len(devices) != 1:
         raise ValueError(f"timelines to overlay must use one device, got {sorted(devices)}")
+    # One process, so one set of allocator settings (torch reads them once, when CUDA starts).
+    settings = {config.alloc_conf for config in configs}
+    if len(settings) != 1:
+        raise ValueError(f"timelines to overlay must use one allocator setting, got {sorted(map(str, settings))}")
     return call(record_timelines, list(configs), device=configs[0].device,
-                timeout_s=sum(config.timeout_s for config in configs), progress=progress, cancel=cancel, fresh=True)
+                timeout_s=sum(config.timeout_s for config in configs), progress=progress, cancel=cancel, fresh=True,
+                alloc_conf=configs[0].alloc_conf)
 
 
 def phase_peaks(record: dict) -> list[dict]:

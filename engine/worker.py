@@ -146,11 +146,14 @@ def _die_with_parent() -> None:
         os._exit(_ORPHAN_EXIT)
 
 
-def _child_main(conn, visible_devices: str | None) -> None:
+def _child_main(conn, visible_devices: str | None, alloc_conf: str | None = None) -> None:
     _die_with_parent()
     if visible_devices is not None:
         # Before anything touches CUDA: this process sees exactly its one GPU, as cuda:0.
         devices.pin_this_process(visible_devices)
+    if alloc_conf is not None:
+        # Also before CUDA initialises: torch reads the allocator settings once, then.
+        devices.set_alloc_conf(alloc_conf)
     # The parent decides when a call stops: Ctrl-C in a terminal reaches the whole process
     # group, and the parent then kills this process itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -298,7 +301,10 @@ class Worker:
     ``visible_devices``: the CUDA_VISIBLE_DEVICES value its processes get (one GPU's UUID),
     or None for a CPU/MPS worker. ``queue_key``: the device queue its calls wait in, when the
     worker stands for a device other than the one its calls name (a sweep lane's stand-in in
-    tests); default: the queue of each call's device.
+    tests); default: the queue of each call's device. A call's ``alloc_conf`` (CUDA allocator
+    settings, None: the environment's) is set in the process before CUDA initialises; torch
+    reads it only then, so a call whose settings differ from the warm process's gets a new
+    process.
     """
 
     def __init__(self, visible_devices: str | None = None, queue_key: str | None = None) -> None:
@@ -309,6 +315,7 @@ class Worker:
         self._proc = None
         self._conn = None
         self._ready = False  # the process has said "ready" (it was started by a call or by start())
+        self._alloc_conf: str | None = None  # the allocator settings the process was started with
         self._lock = threading.Lock()
         self._envs: dict[str, dict] = {}  # per device, as last reported by a child
 
@@ -318,7 +325,8 @@ class Worker:
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
     def call(self, func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,
-             cancel: threading.Event | None = None, fresh: bool = False, ranks: int = 1) -> Outcome:
+             cancel: threading.Event | None = None, fresh: bool = False, ranks: int = 1,
+             alloc_conf: str | None = None) -> Outcome:
         """``func(*args, channel)`` in the worker process, after waiting for ``device`` (and,
         on CUDA, the next GPUs for a run of ``ranks`` data-parallel ranks: every GPU it uses).
 
@@ -350,7 +358,7 @@ class Worker:
             with contextlib.ExitStack() as held:
                 tickets = [held.enter_context(device_queue(key, on_wait)) for key in keys]
                 with self._lock:
-                    return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, tickets)
+                    return self._call_here(func, args, device, timeout_s, progress, cancel, fresh, tickets, alloc_conf)
         except _Stop as stop:
             return Outcome(stop.status, error=stop.message)
 
@@ -365,19 +373,21 @@ class Worker:
         """
         device = device or config.device
         outcome = self.call(benchmark_in_worker, config, sweep_id, device=device, timeout_s=config.timeout_s,
-                            progress=progress, cancel=cancel, ranks=config.nproc)
+                            progress=progress, cancel=cancel, ranks=config.nproc,
+                            alloc_conf=config.alloc_conf)
         if outcome.ok:
             return outcome.value
         device = resolve_device(device)
         env = self._envs.get(device) or fallback_env(device, self._queue_key or devices.device_key(device))
         return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
 
-    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, tickets: list[int]) -> Outcome:
+    def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, tickets: list[int],
+                   alloc_conf: str | None = None) -> Outcome:
         try:
-            if fresh:
+            if fresh or alloc_conf != self._alloc_conf:
                 self._kill()
             if self._proc is None or not self._proc.is_alive():
-                self._spawn()
+                self._spawn(alloc_conf)
             if not self._ready:
                 self._await_ready(cancel)
             self._conn.send((func, args, len(tickets)))
@@ -408,15 +418,17 @@ class Worker:
     def start(self) -> None:
         """Start the worker process now without waiting for it (it imports torch and the
         engine, seconds), e.g. while the caller runs its own pre-run checks; the next call
-        waits until it is ready. Nothing touches the device until a call holds it."""
+        waits until it is ready (or, with allocator settings, replaces it: a fork, a
+        fraction of a second). Nothing touches the device until a call holds it."""
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
                 self._spawn()
 
-    def _spawn(self) -> None:
+    def _spawn(self, alloc_conf: str | None = None) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, self._visible_devices),
+        self._proc = self._ctx.Process(target=_child_main, args=(child_conn, self._visible_devices, alloc_conf),
                                        name="tradeoff-lab-worker", daemon=True)
+        self._alloc_conf = alloc_conf
         self._proc.start()
         child_conn.close()  # only the child holds its end, so its death reads as EOF here
         self._conn = parent_conn
@@ -499,7 +511,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None, cancel: threadi
 
 
 def call(func: Callable, *args, device: str, timeout_s: float, progress: ProgressFn | None = None,
-         cancel: threading.Event | None = None, fresh: bool = False) -> Outcome:
+         cancel: threading.Event | None = None, fresh: bool = False, alloc_conf: str | None = None) -> Outcome:
     """``Worker.call`` on the shared warm worker of ``device``; safe from many threads."""
     return shared_worker(device).call(func, *args, device=device, timeout_s=timeout_s, progress=progress,
-                                      cancel=cancel, fresh=fresh)
+                                      cancel=cancel, fresh=fresh, alloc_conf=alloc_conf)

@@ -13,7 +13,7 @@ from typing import Callable
 import plotly.graph_objects as go
 
 from engine import presets
-from engine.config import FIELD_NAMES, FIELDS_BY_NAME, GIB, gib_words
+from engine.config import DESCRIBED_FIELDS, FIELD_NAMES, FIELDS_BY_NAME, GIB, gib_words
 from engine.results import BREAKDOWN_KEYS, Result
 
 from .common import (OFF_SCALE_FACTOR, above_chart, add_failed_placeholders, chart_text, ckpt_pattern, describe,
@@ -27,8 +27,10 @@ MEMORY_BREAKDOWN_TITLE = "Memory breakdown"
 PHASES = (("forward_ms", "forward"), ("backward_ms", "backward"), ("optimizer_ms", "optimizer"))
 
 # Fields that can tell runs apart, in label order; "overrides" stands for every model
-# dimension any of the runs overrides (seq_len, d_model...).
-LABEL_FIELDS = ("model", "overrides", "batch", "accum", "precision", "ckpt", "optimizer", "memory_cap_gib", "device")
+# dimension any of the runs overrides (seq_len, d_model...); the described fields (optimizer,
+# attention...) come from their declaration, with their words.
+LABEL_FIELDS = ("model", "overrides", "batch", "accum", "precision", "ckpt", *(f.name for f in DESCRIBED_FIELDS),
+                "memory_cap_gib", "device")
 # Sweep charts may also use the effective batch (a fixed-effective-batch sweep varies it not at
 # all, a batch sweep varies it with batch); labels never need it: batch and accum say it.
 CHART_AXES = LABEL_FIELDS[:4] + ("effective_batch",) + LABEL_FIELDS[4:]
@@ -38,7 +40,6 @@ _FIELD_FORMATS = {
     "ckpt": "ckpt {}",
     "model": "{}",
     "precision": "{}",
-    "optimizer": "{}",
     "device": "{}",
 }
 
@@ -66,6 +67,8 @@ def _field_text(result: Result, field: str) -> str:
     value = field_value(result, field)
     if field == "memory_cap_gib":
         return f"cap {value:g} GiB" if value else "no cap"
+    if field in FIELDS_BY_NAME and FIELDS_BY_NAME[field].spec.words:
+        return FIELDS_BY_NAME[field].words(value)
     return _FIELD_FORMATS.get(field, field + " {}").format(value)
 
 

@@ -195,7 +195,8 @@ def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
     dims = f" {_dims(config)}" if config.overrides else ""
     ranks = f" {config.parallel}x{config.nproc}" if config.distributed else ""
-    return f"{config.model}{dims} b{config.batch}x{config.accum}{ranks} {config.precision} ckpt={ckpt}"
+    return " ".join([f"{config.model}{dims} b{config.batch}x{config.accum}{ranks} {config.precision} ckpt={ckpt}",
+                     *config.settings_words()])
 
 
 def result_line(result: Result) -> str:
@@ -224,12 +225,13 @@ def format_table(results: list[Result]) -> str:
         error = r.error or ""
         rows.append((
             r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt, _dims(c),
-            _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
+            ", ".join(c.settings_words()) or "-",
+            _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms), _ms(m.optimizer_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "dims", "step ms", "spread",
-                  "fwd ms", "bwd ms", "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "dims", "settings", "step ms",
+                  "spread", "fwd ms", "bwd ms", "opt ms", "samples/s", "peak alloc", "error"), rows)
 
 
 def one_line(text: str) -> str:
