@@ -295,6 +295,15 @@ def fallback_env(device: str, key: str | None = None) -> dict:
             "python": platform.python_version(), "gpu_uuid": key if device_type == "cuda" else None}
 
 
+def _gpu_key_if_known(device: str) -> str | None:
+    """The queue key (GPU UUID) of ``device``, or None where this process sees no such GPU:
+    the result of a run that failed for that very reason must still be made."""
+    try:
+        return devices.device_key(device)
+    except IndexError:
+        return None
+
+
 class Worker:
     """One warm worker process, reused between calls and replaced after any failure.
 
@@ -378,7 +387,7 @@ class Worker:
         if outcome.ok:
             return outcome.value
         device = resolve_device(device)
-        env = self._envs.get(device) or fallback_env(device, self._queue_key or devices.device_key(device))
+        env = self._envs.get(device) or fallback_env(device, self._queue_key or _gpu_key_if_known(device))
         return Result.new(config, outcome.status, env, error=outcome.error, sweep_id=sweep_id)
 
     def _call_here(self, func, args, device, timeout_s, progress, cancel, fresh, tickets: list[int],

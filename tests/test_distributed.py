@@ -279,7 +279,8 @@ def test_on_cuda_each_rank_has_a_gpu_the_worker_sees_them_all_and_the_queue_hold
         yield len(keys)
 
     monkeypatch.setattr(worker, "device_queue", recording_queue)
-    monkeypatch.setattr(worker.Worker, "_call_here", lambda self, *args: tickets.append(args[-1]) or worker.Outcome("ok"))
+    # _call_here(func, args, device, timeout_s, progress, cancel, fresh, tickets, alloc_conf)
+    monkeypatch.setattr(worker.Worker, "_call_here", lambda self, *args: tickets.append(args[7]) or worker.Outcome("ok"))
     worker.Worker().call(print, device="cuda:1", timeout_s=1, ranks=2)
     assert keys == ["GPU-bbbb", "GPU-cccc"] and tickets == [[1, 2]]
 
