@@ -31,8 +31,9 @@ def gib_words(num_bytes: float) -> str:
     return f"{gib:,.0f} GiB" if gib >= 1000 else f"{gib:.3g} GiB"
 
 Precision = Literal["fp32", "fp16", "bf16"]
-CkptPolicy = Literal["none", "full", "every-k", "selective"]
+CkptPolicy = Literal["none", "full", "every-k", "selective", "offload"]
 Optimizer = Literal["adamw", "sgd"]
+CompileMode = Literal["none", "default", "max-autotune"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -118,22 +119,34 @@ def _check_device(config: "BenchConfig") -> None:
         raise ConfigError("device", config.device, _DEVICE_ALLOWED)
 
 
-def minimum_warmup(device: str, precision: str) -> int:
+def minimum_warmup(device: str, precision: str, compile: str = "none") -> int:
     """Warm-up steps a run on ``device`` needs before timing: on CUDA the first step loads
     kernels lazily and creates cuBLAS workspaces (1), and fp16's GradScaler skips its first
-    steps while it calibrates the loss scale (2)."""
+    steps while it calibrates the loss scale (2). Under torch.compile (any device) the first
+    step compiles forward and backward and the second shows whether the first optimizer step
+    made a guard fail and compile again (2), so no compilation lands in a timed step."""
+    compiled = 2 if compile != "none" else 0
     if not device.startswith("cuda"):
-        return 0
-    return 2 if precision == "fp16" else 1
+        return compiled
+    return max(compiled, 2 if precision == "fp16" else 1)
 
 
 def _check_warmup(config: "BenchConfig") -> None:
-    if isinstance(config.device, str) and config.warmup < minimum_warmup(config.device, config.precision):
-        need = minimum_warmup(config.device, config.precision)
-        raise ConfigError("warmup", config.warmup, f"an integer >= {need} on CUDA"
-                          + (" with fp16" if config.precision == "fp16" else "")
-                          + " (the first steps load kernels and create cuBLAS workspaces"
-                          + ("; GradScaler calibrates its loss scale" if config.precision == "fp16" else "") + ")")
+    if not isinstance(config.device, str):
+        return
+    need = minimum_warmup(config.device, config.precision, config.compile)
+    if config.warmup >= need:
+        return
+    cuda = config.device.startswith("cuda")
+    fp16 = cuda and config.precision == "fp16"
+    where = [words for words, applies in (("on CUDA", cuda), ("with fp16", fp16),
+                                          (f"with compile {config.compile}", config.compile != "none")) if applies]
+    reasons = [words for words, applies in (
+        ("the first steps load kernels and create cuBLAS workspaces", cuda),
+        ("GradScaler calibrates its loss scale", fp16),
+        ("torch.compile compiles in the first step and may recompile in the second", config.compile != "none"),
+    ) if applies]
+    raise ConfigError("warmup", config.warmup, f"an integer >= {need} {' '.join(where)} ({'; '.join(reasons)})")
 
 
 _BLOCKS_ALLOWED = "module paths or fnmatch patterns separated by spaces (letters, digits, _ . * ? [ ] -), or none"
@@ -173,6 +186,10 @@ class BenchConfig:
                                       "(e.g. 'layer*.*'); empty: found automatically",
                                  allowed=_BLOCKS_ALLOWED, check=_check_blocks,
                                  applies_when=("ckpt", ("full", "every-k", "selective")))
+    compile: CompileMode = setting("none", label="torch.compile",
+                                   help="torch.compile the model (mode); compile time is reported apart (compile_s), "
+                                        "never inside step time",
+                                   sweep="none,default")
     optimizer: Optimizer = setting("adamw", label="Optimizer", help="optimizer", sweep="adamw,sgd")
     warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
                           minimum=0, check=_check_warmup)
@@ -226,6 +243,8 @@ class BenchConfig:
         2nd block`` (without the model when ``with_model`` is False)."""
         parts = [self.model_label] if with_model else []
         parts += [f"batch {self.batch} × accum {self.accum}", self.precision, ckpt_words(self.ckpt, self.k)]
+        if self.compile != "none":
+            parts.append(f"compiled ({self.compile})")
         if self.optimizer != "adamw":
             parts.append(self.optimizer)
         return ", ".join(parts)
@@ -236,7 +255,8 @@ def ckpt_words(ckpt: str, k: int) -> str:
     if ckpt == "every-k":
         ordinal = {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
         return f"checkpointing every {ordinal}block"
-    return {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing"}.get(ckpt, ckpt)
+    return {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing",
+            "offload": "activations offloaded to host memory"}.get(ckpt, ckpt)
 
 
 def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | None) -> float | None:
@@ -402,7 +422,7 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     limits.check_limits(config)
     _check_device_present(config.device)
     resolved = devices.resolve_device(config.device)
-    if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision):
+    if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision, config.compile):
         _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
     if config.ckpt == "selective" and not selective_checkpoint_available():
         raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")

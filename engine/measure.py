@@ -3,7 +3,8 @@
 The order of a run is the method:
 
 1. build the model on the device, apply checkpointing, make the batches on the device;
-2. warm-up steps (never measured: kernel selection, allocator growth, optimizer state);
+2. warm-up steps (never measured: kernel selection, allocator growth, optimizer state,
+   torch.compile's compilation, whose wall time is reported apart as ``compile_s``);
 3. the timed steps between ``DeviceCounters.start`` and ``stop`` (peak statistics reset
    first), each timed phase by phase with the device's timer (CUDA events on the target
    device's stream + one synchronisation per step, ``perf_counter`` on CPU); then untimed
@@ -55,11 +56,42 @@ def _phase(emit: ProgressFn, name: str, func: Callable, *args):
     return value
 
 
-def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> None:
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter; 0 before any)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> list[float] | None:
+    """Run the warm-up steps; under torch.compile return the wall seconds of each warm-up
+    step in which dynamo compiled a graph (None for an eager run)."""
+    compiling = []
     for i in range(config.warmup):
+        before, started = compiled_graphs(), time.perf_counter()
         step.run()
+        if config.compile != "none":
+            _synchronize(step.device)  # the step's own time, not the next one's
+            if compiled_graphs() > before:
+                compiling.append(time.perf_counter() - started)
         emit(Progress("warmup", i + 1, config.warmup))
     _synchronize(step.device)
+    return compiling if config.compile != "none" else None
+
+
+def compile_seconds(compiling_steps_s: list[float], step_s: float) -> float:
+    """Compile time of a run: what the warm-up steps that compiled took beyond a measured step.
+
+    Wall time, not the figures dynamo and inductor keep (``torch._dynamo.utils.
+    compile_times``): those are internal, change between releases and split the work into
+    nested timers (tracing, AOT autograd, inductor's lowering, C++ builds, autotuning, and a
+    backward compiled lazily at the first backward) that are easy to miss or count twice.
+    The wall time of the compiling steps holds all of it, is what a user waits, and, less
+    the median measured step (the step's own work), is what compilation added. Any other
+    first-step cost an eager run also pays (optimizer state created, memory first touched)
+    is in it too; next to compilation it is small.
+    """
+    return sum(max(0.0, seconds - step_s) for seconds in compiling_steps_s)
 
 
 def _time_steps(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> tuple[dict[str, list[float]], list[float] | None]:
@@ -114,10 +146,24 @@ def batch_norm_warning(layers: list[str], accum: int) -> str | None:
             "batch of the effective size")
 
 
+OFFLOAD_ON_HOST_WARNING = (
+    "activation offloading saves no device memory here: on the {device} the host memory it copies the saved "
+    "activations to is the device's own memory, so the copies only cost time")
+COMPILE_BREAKDOWN_WARNING = (
+    "the memory breakdown{peak} comes from one uncompiled (eager) instrumented step: torch.compile does not run "
+    "under the memory tracker, and compiled kernels may keep less")
+
+
 def _model_warnings(step: TrainingStep, config: BenchConfig) -> list[str]:
-    """What the model itself makes worth saying: checkpointing that misses most of it, and
-    BatchNorm with accumulation."""
+    """What the model and the run's options make worth saying: checkpointing that misses most
+    of the model, BatchNorm with accumulation, offloading where host memory is device memory,
+    and a compiled run's memory breakdown (and CPU peak) measured eager."""
     notes = []
+    if config.ckpt == "offload" and step.device.type != "cuda":
+        notes.append(OFFLOAD_ON_HOST_WARNING.format(device=step.device.type.upper()))
+    if config.compile != "none":
+        notes.append(COMPILE_BREAKDOWN_WARNING.format(
+            peak=" and the peak memory" if step.device.type != "cuda" else ""))
     if step.checkpointed is not None and (warning := step.checkpointed.warning()):
         notes.append(warning)
     if warning := batch_norm_warning(models.batch_norm_layers(step.model), config.accum):
@@ -139,12 +185,16 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
     notes: list[str] = []
     with _on_device(device, config, notes):
         step = _phase(emit, "build", build_step, config)
-        _warm_up(step, config, emit)
+        compiling_steps_s = _warm_up(step, config, emit)
         device_counters = counters.DeviceCounters(device)
         try:
+            graphs_before = compiled_graphs() if compiling_steps_s is not None else None
             device_counters.start()
             samples, scales = _time_steps(step, config, emit)
             device_counters.stop()
+            if graphs_before is not None and compiled_graphs() > graphs_before:
+                notes.append("torch.compile compiled again during the timed steps: their times include "
+                             "compilation (more warm-up steps would keep it out)")
             # Untimed steps to complete the energy window, never past half of what is left
             # of the run's time limit (the breakdown, FLOPs and numerics still need time).
             left = config.timeout_s - (time.perf_counter() - started)
@@ -168,6 +218,9 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
 
     summaries = {key: Summary.from_samples(values) for key, values in samples.items()}
     step_s = summaries["step_ms"].median / 1000.0
+    compile_s = compile_seconds(compiling_steps_s, step_s) if compiling_steps_s is not None else None
+    if compiling_steps_s == []:
+        notes.append("torch.compile compiled no graph during warm-up: this run's steps ran eager")
     samples_per_s = config.effective_batch / step_s if step_s > 0 else None
     skipped = _skipped_steps(scales) if scales is not None else None
     c = device_counters
@@ -190,6 +243,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
         energy_j_per_sample=c.energy_j_per_sample,
         grad_rel_diff=grad_rel_diff,
         allocator_retries=c.allocator_retries,
+        compile_s=compile_s,
     )
     warnings = _warnings(summaries, config.steps, skipped, c.allocator_retries) + notes + c.notes
     if config.memory_cap_gib is not None and c.nvml_used_bytes is not None and c.nvml_used_bytes > config.memory_cap_gib * GIB:

@@ -369,8 +369,12 @@ def _gpt_selective_layer_bytes(s: int, b: int, h: int, a: int, precision: str) -
     return _gpt_block_input_bytes(s, b, h) + 10 * s * b * h * _COMPUTE_BYTES[precision] + 4 * a * s * b
 
 
-def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
-    """inputs, activations and backward transient (bytes) of a GPT preset, with notes."""
+def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _ModelFacts, device_type: str) -> dict:
+    """inputs, activations and backward transient (bytes) of a GPT preset, with notes.
+
+    Offloaded activations (``ckpt`` offload) are off the device on CUDA, where the host is
+    other memory; on any other device the host copies are in the device's own memory, so
+    they count as kept, exactly as without offloading."""
     s, h, L, a, V = dims["seq_len"], dims["d_model"], dims["n_layers"], dims["n_heads"], dims["vocab"]
     b, c = batch, _COMPUTE_BYTES[config.precision]
     full_layer = gpt_layer_activation_bytes(s, b, h, a, config.precision)
@@ -403,10 +407,23 @@ def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _M
     ]
     if casts:
         notes.append(f"autocast weight copies: {casts / GIB:.3g} GiB")
+    kept = blocks + head + log_probs + casts
+    if config.ckpt == "offload" and device_type == "cuda":
+        # Everything autograd saves goes to host memory. On the device remain the tensors
+        # of the operation running: one block's in its forward, or its saved tensors copied
+        # back for its backward with the gradient flowing in (and the tied embedding's
+        # gradient), or at the start of backward the log-probabilities copied back next to
+        # their two gradients.
+        notes = [f"offloaded to host memory: {kept / GIB:.3g} GiB of saved activations; on the device one "
+                 "block's (or the loss's) at a time"]
+        return {"inputs": config.accum * 2 * _INDEX * s * b, "activations": 0,
+                "transient": max(3 * log_probs, full_layer + _FP32 * (V * h + s * b * h)), "notes": notes}
+    if config.ckpt == "offload":
+        notes.append(f"offloading on the {device_type}: the host copies are in the device's own memory (kept)")
     return {
         # Token ids and targets (int64) of every micro-batch.
         "inputs": config.accum * 2 * _INDEX * s * b,
-        "activations": blocks + head + log_probs + casts,
+        "activations": kept,
         "transient": max(loss_backward, recompute),
         "notes": notes,
     }
@@ -440,7 +457,7 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     if presets.is_user_model(config.model) or presets.PRESETS[config.model][0] != "gpt":
         return AnalyticEstimate(params, grads, optimizer, None, None, None, None, ("no activation formula for this model",))
     _, dims = presets.preset_dims(config.model, config.overrides)
-    terms = _gpt_activation_terms(dims, b, config, facts)
+    terms = _gpt_activation_terms(dims, b, config, facts, device_type)
     # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
     # with accumulation the earlier micro-batches' gradients do.
     grads_at_backward = grads if config.accum > 1 else 0

@@ -173,10 +173,26 @@ def make_optimizer(model: nn.Module, name: str, device: torch.device) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; allowed: adamw, sgd")
 
 
+def compile_model(model: nn.Module, mode: str) -> None:
+    """``torch.compile`` ``model`` in place (``nn.Module.compile``: the module, its attributes
+    and its parameters stay what they were); compilation itself happens in the first step.
+
+    Dynamo's caches are emptied first: in a warm worker a previous run's graphs would
+    otherwise be reused (no compile to report) or, past dynamo's recompile limit, the model
+    would silently run eager. Inductor's on-disk cache is kept, as it is for any user: a
+    configuration compiled before on this machine compiles faster.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model.compile(mode=mode)
+
+
 class TrainingStep:
     """One optimizer step of ``config`` on ``device``: the only training code path.
 
-    Builds, once: the checkpointing policy applied to ``model``'s blocks, the optimizer,
+    Builds, once: the checkpointing policy applied to ``model``'s blocks (or the offloading
+    context each forward runs in), ``torch.compile`` when asked, the optimizer,
     the fp16 ``GradScaler`` and ``batches`` (``config.accum`` micro-batches of
     ``config.batch`` samples, made on the device so no copy is ever timed).
     """
@@ -189,6 +205,8 @@ class TrainingStep:
         # What checkpointing wrapped (None without it): results record it.
         self.checkpointed = self.policy.apply(self.model, config.blocks)
         self.model.train()
+        if config.compile != "none":
+            compile_model(self.model, config.compile)
         self.optimizer = make_optimizer(self.model, config.optimizer, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
         # fp16 always with dynamic loss scaling: its gradients underflow without it.
@@ -212,7 +230,7 @@ class TrainingStep:
         losses = []
         timer.mark("start")
         for batch in self.batches:
-            with self.autocast():
+            with self.autocast(), self.policy.forward_context(self.device):
                 # Dividing by accum makes the summed micro-batch gradients equal the
                 # gradient of the mean loss over the effective batch.
                 loss = self.model(*batch) / accum

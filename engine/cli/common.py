@@ -175,7 +175,8 @@ def _ms(summary) -> str:
 
 def _short_config(config: BenchConfig) -> str:
     ckpt = f"every-{config.k}" if config.ckpt == "every-k" else config.ckpt
-    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}"
+    compiled = f" compile={config.compile}" if config.compile != "none" else ""
+    return f"{config.model} b{config.batch}x{config.accum} {config.precision} ckpt={ckpt}{compiled}"
 
 
 def result_line(result: Result) -> str:
@@ -186,7 +187,8 @@ def result_line(result: Result) -> str:
         return f"{head}: {result.error}"
     m = result.metrics
     rate = f"{m.samples_per_s:.1f} samples/s" if m.samples_per_s is not None else "-"
-    return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}"
+    compiled = f", compiled in {m.compile_s:.1f} s (not in step time)" if m.compile_s is not None else ""
+    return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}{compiled}"
 
 
 def _noise(summary) -> str:
@@ -203,13 +205,14 @@ def format_table(results: list[Result]) -> str:
         c, m = r.config, r.metrics
         error = r.error or ""
         rows.append((
-            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt,
+            r.id[:8], r.status, c.model, c.batch, c.accum, m.effective_batch, c.precision, c.ckpt, c.compile,
             _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
+            "-" if m.compile_s is None else f"{m.compile_s:.1f}",
             error if len(error) <= 60 else error[:57] + "...",
         ))
-    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "step ms", "spread", "fwd ms",
-                  "bwd ms", "samples/s", "peak alloc", "error"), rows)
+    return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "compile", "step ms", "spread",
+                  "fwd ms", "bwd ms", "samples/s", "peak alloc", "compile s", "error"), rows)
 
 
 def one_line(text: str) -> str:
