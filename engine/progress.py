@@ -16,6 +16,7 @@ PHASE_WORDS = {
     "warmup": "warm-up step",
     "measure": "measuring step",
     "breakdown": "memory breakdown",
+    "peak": "peak memory of a compiled step",
     "flops": "counting FLOPs",
     "numerics": "checking gradients against fp32",
 }
