@@ -12,8 +12,8 @@ The order of a run is the method:
 4. one separate instrumented step for the memory breakdown (``memory.py``), and on the
    CPU under torch.compile one more for the peak (the breakdown's step runs eager);
 5. one separate step under the FLOP counter (``flops.py``);
-6. the gradients' distance from the fp32/no-checkpointing baseline (``numerics.py``, two
-   first steps on fresh models).
+6. the gradients' distance from the fp32/no-checkpointing/eager baseline (``numerics.py``,
+   two first steps on fresh models).
 
 Steps 4 to 6 come after the timing, so their instrumentation never slows a timed step.
 ``run_benchmark`` raises on failure; the worker turns exceptions into oom/error results.
@@ -67,17 +67,18 @@ def compiled_graphs() -> int:
 def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> list[float] | None:
     """Run the warm-up steps; under torch.compile return the wall seconds of each warm-up
     step in which dynamo compiled a graph (None for an eager run)."""
+    compiled = config.compile != "none"
     compiling = []
     for i in range(config.warmup):
-        before, started = compiled_graphs(), time.perf_counter()
+        before, started = compiled_graphs() if compiled else 0, time.perf_counter()
         step.run()
-        if config.compile != "none":
+        if compiled:
             _synchronize(step.device)  # the step's own time, not the next one's
             if compiled_graphs() > before:
                 compiling.append(time.perf_counter() - started)
         emit(Progress("warmup", i + 1, config.warmup))
     _synchronize(step.device)
-    return compiling if config.compile != "none" else None
+    return compiling if compiled else None
 
 
 def compile_seconds(compiling_steps_s: list[float], step_s: float) -> float:
