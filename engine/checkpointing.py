@@ -213,9 +213,9 @@ class OffloadActivations(CheckpointPolicy):
     """Recompute nothing: every tensor autograd saves during forward is copied to host memory
     and copied back when backward needs it (``torch.autograd.graph.save_on_cpu``).
 
-    On CUDA the host copies are pinned, so the copies back can overlap with compute; on a CPU
-    the host *is* the device, pinning means nothing (and needs CUDA), and the copies save no
-    memory at all: results say so (measure.py).
+    On CUDA the host copies are pinned, so the copies both ways run asynchronously; on a CPU
+    the host *is* the device: pinning means nothing (and needs CUDA), a CPU tensor is kept as
+    it is, and nothing is saved: results say so (measure.py).
     """
 
     name = "offload"

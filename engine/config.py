@@ -425,7 +425,7 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision, config.compile):
         _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
     if config.ckpt == "selective" and not selective_checkpoint_available():
-        raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
+        raise ConfigError("ckpt", config.ckpt, "none, full, every-k, offload (this torch has no selective checkpointing; it needs torch >= 2.4)")
     if config.memory_cap_gib is not None:
         capacity = devices.device_capacity_bytes(devices.resolve_device(config.device))
         if capacity is not None and config.memory_cap_gib * GIB > capacity:

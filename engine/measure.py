@@ -149,8 +149,8 @@ def batch_norm_warning(layers: list[str], accum: int) -> str | None:
 
 
 OFFLOAD_ON_HOST_WARNING = (
-    "activation offloading saves no device memory here: on the {device} the host memory it copies the saved "
-    "activations to is the device's own memory, so the copies only cost time")
+    "activation offloading saves no device memory on the {device}: the host memory it keeps the saved activations "
+    "in is the device's own memory")
 COMPILE_BREAKDOWN_WARNING = (
     "the memory breakdown comes from one uncompiled (eager) instrumented step: torch.compile does not run under "
     "the memory tracker, and compiled code may keep less (the peak is the compiled steps' own)")
