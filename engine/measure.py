@@ -9,8 +9,8 @@ The order of a run is the method:
    first), each timed phase by phase with the device's timer (CUDA events on the target
    device's stream + one synchronisation per step, ``perf_counter`` on CPU); then untimed
    steps until NVML's energy window is long enough (counters.py);
-4. one separate instrumented step for the memory breakdown (``memory.py``), and on the
-   CPU under torch.compile one more for the peak (the breakdown's step runs eager);
+4. one separate instrumented step for the memory breakdown (``memory.py``), after, on the
+   CPU under torch.compile, one more for the peak (the breakdown's step runs eager);
 5. one separate step under the FLOP counter (``flops.py``);
 6. the gradients' distance from the fp32/no-checkpointing/eager baseline (``numerics.py``,
    two first steps on fresh models).
@@ -203,12 +203,14 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
                                            deadline_s=time.perf_counter() + left / 2)
         finally:
             device_counters.close()
-        breakdown = _phase(emit, "breakdown", memory.memory_breakdown, step)
         # Without a caching allocator to ask (CPU, MPS) the peak is the instrumented step's,
-        # and under torch.compile on the CPU one more step's, seen at the allocator.
-        cpu_peak = breakdown.total
+        # and under torch.compile on the CPU one more step's, seen at the allocator. That
+        # step comes first: after the breakdown's tracker the model no longer runs compiled.
+        compiled_cpu_peak = None
         if device.type == "cpu" and config.compile != "none":
-            cpu_peak = _phase(emit, "peak", memory.cpu_step_peak_bytes, step)
+            compiled_cpu_peak = _phase(emit, "peak", memory.cpu_step_peak_bytes, step)
+        breakdown = _phase(emit, "breakdown", memory.memory_breakdown, step)
+        cpu_peak = compiled_cpu_peak if compiled_cpu_peak is not None else breakdown.total
         if device.type == "cpu":
             counters.check_cpu_cap(config.memory_cap_gib, cpu_peak)
         model_flops, hw_flops = _phase(emit, "flops", flops.count_flops, step)

@@ -15,8 +15,8 @@ PHASE_WORDS = {
     "build": "building the model",
     "warmup": "warm-up step",
     "measure": "measuring step",
-    "breakdown": "memory breakdown",
     "peak": "peak memory of a compiled step",
+    "breakdown": "memory breakdown",
     "flops": "counting FLOPs",
     "numerics": "checking gradients against fp32",
 }
