@@ -168,17 +168,23 @@ def test_offload_pins_host_memory_only_on_cuda(monkeypatch, device_type, pinned)
     assert seen == [pinned]
 
 
-def test_offload_sends_every_saved_activation_through_the_host_hooks_with_the_same_gradients(monkeypatch):
-    packed = []
+@pytest.fixture
+def packed(monkeypatch):
+    """The shapes of the tensors offloading's pack hook receives."""
+    shapes = []
     real = torch.autograd.graph.save_on_cpu
 
     def counting(pin_memory):
         hooks = real(pin_memory=pin_memory)
         pack = hooks.pack_hook
-        hooks.pack_hook = lambda tensor: packed.append(tensor.shape) or pack(tensor)
+        hooks.pack_hook = lambda tensor: shapes.append(tensor.shape) or pack(tensor)
         return hooks
 
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    return shapes
+
+
+def test_offload_sends_every_saved_activation_through_the_host_hooks_with_the_same_gradients(packed):
     grads = {}
     for ckpt in ("none", "offload"):
         step = build_step(tiny(ckpt=ckpt))
@@ -188,6 +194,15 @@ def test_offload_sends_every_saved_activation_through_the_host_hooks_with_the_sa
         handle.remove()
     assert len(packed) > 10  # every block's saved tensors, and the loss's
     assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads["offload"]))
+
+
+def test_compiled_code_still_offloads_what_it_saves(compile_with, packed):
+    compile_with("aot_eager")
+    step = build_step(tiny(ckpt="offload", compile="default"))
+    for _ in range(2):  # the compiling step and a compiled one
+        before = len(packed)
+        step.run()
+        assert len(packed) - before > 10
 
 
 def test_offload_on_the_cpu_says_it_saves_no_device_memory():
