@@ -2,6 +2,7 @@
 reported apart and never inside a timed step, a compiler failure is an error result, every
 checkpointing policy runs compiled, offloading copies saved activations to the host (pinned
 only on CUDA) and says where that saves nothing."""
+import itertools
 import time
 
 import pytest
@@ -124,6 +125,20 @@ def test_compiled_checkpointing_updates_batch_norm_statistics_once_per_step(comp
         stats[ckpt] = [(int(m.num_batches_tracked), m.running_mean.clone()) for m in layers]
     assert all(count == 2 for count, _ in stats["full"])
     assert all(torch.allclose(a, b) for (_, a), (_, b) in zip(stats["none"], stats["full"]))
+
+
+def test_a_compilation_in_the_timed_steps_or_none_at_all_is_said(monkeypatch, compile_with):
+    from engine import measure
+
+    compile_with("eager")
+    counter = itertools.count()
+    monkeypatch.setattr(measure, "compiled_graphs", lambda: next(counter))  # a graph at every look
+    again = run_benchmark(tiny(compile="default", steps=1))
+    assert any("compiled again during the timed steps" in w for w in again.warnings)
+    monkeypatch.setattr(measure, "compiled_graphs", lambda: 0)  # never a graph
+    never = run_benchmark(tiny(compile="default", steps=1))
+    assert never.metrics.compile_s == 0.0
+    assert any("compiled no graph during warm-up" in w for w in never.warnings)
 
 
 class _Channel:
