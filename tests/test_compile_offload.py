@@ -256,7 +256,8 @@ def test_a_compile_by_offload_sweep_through_the_cli_gives_four_ok_results(tmp_pa
     assert all(r.ok for r in results), [r.error for r in results]
     for r in results:
         assert (r.metrics.compile_s is None) == (r.config.compile == "none"), (r.config.compile, r.metrics.compile_s)
-        assert r.metrics.compile_s is None or r.metrics.compile_s > 0, (r.metrics.compile_s, r.samples, r.warnings)
+        # (> 0 is not certain: with inductor's cache warm, compiling can take less than a noisy step)
+        assert r.metrics.compile_s is None or r.metrics.compile_s >= 0
         # The eager breakdown's total is an eager run's peak; a compiled run reports its own.
         eager_peak = r.metrics.memory_breakdown_bytes.total
         if r.config.compile == "none":
