@@ -419,7 +419,7 @@ def _gpt_activation_terms(dims: dict, batch: int, config: BenchConfig, facts: _M
         return {"inputs": config.accum * 2 * _INDEX * s * b, "activations": 0,
                 "transient": max(3 * log_probs, full_layer + _FP32 * (V * h + s * b * h)), "notes": notes}
     if config.ckpt == "offload":
-        notes.append(f"offloading on the {device_type}: the host copies are in the device's own memory (kept)")
+        notes.append(f"offloading on the {device_type}: host memory is the device's own memory (kept)")
     return {
         # Token ids and targets (int64) of every micro-batch.
         "inputs": config.accum * 2 * _INDEX * s * b,
