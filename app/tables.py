@@ -31,6 +31,7 @@ _COLUMNS = {
     "step noise %": lambda r: None if r.metrics.step_ms is None else _percent(r.metrics.step_ms.iqr_rel),
     "peak GiB": lambda r: _gib(r.metrics.peak_allocated_bytes),
     "MFU %": lambda r: _percent(r.metrics.mfu),
+    "compile s": lambda r: r.metrics.compile_s,
     "sweep": lambda r: (r.sweep_id or "")[:8],
     "error": lambda r: r.error or "",
     "id": lambda r: r.id,
@@ -39,7 +40,7 @@ RUN_COLUMNS = tuple(_COLUMNS)
 # A sweep's queue shows the noise beside the throughput, so a noisy row is not read as steady.
 _QUEUE_METRICS = ("samples/s", "step noise %", "peak GiB")
 METRIC_COLUMNS = ("samples/s", "tokens/s", "step ms", "forward ms", "backward ms", "optimizer ms", "step noise %",
-                  "peak GiB", "MFU %")
+                  "peak GiB", "MFU %", "compile s")
 
 
 # Engine keys that reach a table, in words: one mapping, so no page shows "fitted_max_batch".

@@ -1,4 +1,5 @@
-"""Activation-checkpointing policies as strategy objects applied to a model's blocks.
+"""Activation-checkpointing policies as strategy objects applied to a model's blocks (and
+activation offloading, which keeps the same place in a config: what happens to activations).
 
 Every policy wraps some of the blocks ``models.find_blocks`` finds (every stage of a staged
 model, or the user's ``--blocks``) in a ``CheckpointedBlock`` that runs
@@ -50,6 +51,15 @@ class CheckpointedBlock(nn.Module):
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.block(*args, **kwargs)
+        # Under torch.compile only the policy's own context_fn goes in (none for full
+        # checkpointing): dynamo takes it as a plain function (a bound method loses its
+        # ``self``, a stored noop is refused), the partitioner decides from it what
+        # to recompute, and its recompute never replays BatchNorm's running-statistics
+        # update; the recompute observer only ever runs eager (under a dispatch mode dynamo
+        # does not compile).
+        if torch.compiler.is_compiling():
+            policy = {} if self.policy_context_fn is torch_ckpt.noop_context_fn else {"context_fn": self.policy_context_fn}
+            return torch_ckpt.checkpoint(self.block, *args, use_reentrant=False, **policy, **kwargs)
         return torch_ckpt.checkpoint(self.block, *args, use_reentrant=False, context_fn=self._context_fn, **kwargs)
 
 
@@ -106,11 +116,15 @@ class CheckpointPolicy:
         """``context_fn`` for ``torch.utils.checkpoint`` (None: save nothing inside the block)."""
         return None
 
+    def forward_context(self, device: torch.device) -> ContextManager:
+        """The context the training step runs each forward in (nothing for block policies)."""
+        return contextlib.nullcontext()
+
     def apply(self, model: nn.Module, patterns: str | None = None) -> Checkpointed | None:
         """Wrap the selected blocks of ``model`` in place (``patterns``: the user's ``--blocks``);
-        returns what was wrapped (None for no checkpointing). Raises ValueError if the model
-        has no blocks."""
-        if self.name == "none":
+        returns what was wrapped (None for a policy that wraps no block). Raises ValueError if
+        the model has no blocks."""
+        if self.name in ("none", "offload"):
             return None
         blocks = models.find_blocks(model, patterns)
         if blocks is None:
@@ -195,10 +209,28 @@ class SelectiveCheckpoint(CheckpointPolicy):
         return functools.partial(torch_ckpt.create_selective_checkpoint_contexts, _save_expensive_outputs)
 
 
+class OffloadActivations(CheckpointPolicy):
+    """Recompute nothing: every tensor autograd saves during forward is copied to host memory
+    and copied back when backward needs it (``torch.autograd.graph.save_on_cpu``).
+
+    On CUDA the host copies are pinned, so the copies both ways run asynchronously; on a CPU
+    the host *is* the device: pinning means nothing (and needs CUDA), a CPU tensor is kept as
+    it is, and nothing is saved: results say so (measure.py).
+    """
+
+    name = "offload"
+
+    def forward_context(self, device: torch.device) -> ContextManager:
+        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def make_policy(ckpt: str, k: int = 2) -> CheckpointPolicy:
-    """The policy for a config's ``ckpt`` value (``none``, ``full``, ``every-k``, ``selective``)."""
+    """The policy for a config's ``ckpt`` value (``none``, ``full``, ``every-k``, ``selective``,
+    ``offload``)."""
     if ckpt == "none":
         return NoCheckpoint()
+    if ckpt == "offload":
+        return OffloadActivations()
     if ckpt == "full":
         return EveryKCheckpoint(1)
     if ckpt == "every-k":
@@ -207,4 +239,4 @@ def make_policy(ckpt: str, k: int = 2) -> CheckpointPolicy:
         if not hasattr(torch_ckpt, "create_selective_checkpoint_contexts"):
             raise RuntimeError("selective checkpointing needs torch >= 2.4 (create_selective_checkpoint_contexts)")
         return SelectiveCheckpoint()
-    raise ValueError(f"unknown checkpointing policy {ckpt!r}; allowed: none, full, every-k, selective")
+    raise ValueError(f"unknown checkpointing policy {ckpt!r}; allowed: none, full, every-k, selective, offload")

@@ -31,11 +31,12 @@ def gib_words(num_bytes: float) -> str:
     return f"{gib:,.0f} GiB" if gib >= 1000 else f"{gib:.3g} GiB"
 
 Precision = Literal["fp32", "fp16", "bf16"]
-CkptPolicy = Literal["none", "full", "every-k", "selective"]
+CkptPolicy = Literal["none", "full", "every-k", "selective", "offload"]
 Optimizer = Literal["adamw", "sgd", "adafactor"]
 OptimizerImpl = Literal["auto", "fused", "foreach", "loop"]
 Attention = Literal["auto", "math", "flash", "efficient", "cudnn"]
 Parallel = Literal["none", "ddp", "fsdp"]
+CompileMode = Literal["none", "default", "max-autotune"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 CKPT_POLICIES: tuple[str, ...] = typing.get_args(CkptPolicy)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -130,22 +131,34 @@ def _check_device(config: "BenchConfig") -> None:
         raise ConfigError("device", config.device, _DEVICE_ALLOWED)
 
 
-def minimum_warmup(device: str, precision: str) -> int:
+def minimum_warmup(device: str, precision: str, compile: str = "none") -> int:
     """Warm-up steps a run on ``device`` needs before timing: on CUDA the first step loads
     kernels lazily and creates cuBLAS workspaces (1), and fp16's GradScaler skips its first
-    steps while it calibrates the loss scale (2)."""
+    steps while it calibrates the loss scale (2). Under torch.compile (any device) the first
+    step compiles forward and backward and the second shows whether the first optimizer step
+    made a guard fail and compile again (2), so no compilation lands in a timed step."""
+    compiled = 2 if compile != "none" else 0
     if not device.startswith("cuda"):
-        return 0
-    return 2 if precision == "fp16" else 1
+        return compiled
+    return max(compiled, 2 if precision == "fp16" else 1)
 
 
 def _check_warmup(config: "BenchConfig") -> None:
-    if isinstance(config.device, str) and config.warmup < minimum_warmup(config.device, config.precision):
-        need = minimum_warmup(config.device, config.precision)
-        raise ConfigError("warmup", config.warmup, f"an integer >= {need} on CUDA"
-                          + (" with fp16" if config.precision == "fp16" else "")
-                          + " (the first steps load kernels and create cuBLAS workspaces"
-                          + ("; GradScaler calibrates its loss scale" if config.precision == "fp16" else "") + ")")
+    if not isinstance(config.device, str):
+        return
+    need = minimum_warmup(config.device, config.precision, config.compile)
+    if config.warmup >= need:
+        return
+    cuda = config.device.startswith("cuda")
+    fp16 = cuda and config.precision == "fp16"
+    where = [words for words, applies in (("on CUDA", cuda), ("with fp16", fp16),
+                                          (f"with compile {config.compile}", config.compile != "none")) if applies]
+    reasons = [words for words, applies in (
+        ("the first steps load kernels and create cuBLAS workspaces", cuda),
+        ("GradScaler calibrates its loss scale", fp16),
+        ("torch.compile compiles in the first step and may recompile in the second", config.compile != "none"),
+    ) if applies]
+    raise ConfigError("warmup", config.warmup, f"an integer >= {need} {' '.join(where)} ({'; '.join(reasons)})")
 
 
 def _check_parallel(config: "BenchConfig") -> None:
@@ -341,6 +354,10 @@ class BenchConfig:
                                       "(e.g. 'layer*.*'); empty: found automatically",
                                  allowed=_BLOCKS_ALLOWED, check=_check_blocks,
                                  applies_when=("ckpt", ("full", "every-k", "selective")))
+    compile: CompileMode = setting("none", label="torch.compile",
+                                   help="torch.compile the model (mode); compile time is reported apart (compile_s), "
+                                        "never inside step time",
+                                   sweep="none,default", words="compiled ({})")
     optimizer: Optimizer = setting("adamw", label="Optimizer",
                                    help="optimizer (adafactor: torch.optim.Adafactor, factored second moments)",
                                    sweep="adamw,sgd,adafactor", words="{}")
@@ -450,7 +467,8 @@ def ckpt_words(ckpt: str, k: int) -> str:
     if ckpt == "every-k":
         ordinal = {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
         return f"checkpointing every {ordinal}block"
-    return {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing"}.get(ckpt, ckpt)
+    return {"none": "no checkpointing", "full": "full checkpointing", "selective": "selective checkpointing",
+            "offload": "activations offloaded to host memory"}.get(ckpt, ckpt)
 
 
 def memory_limit_bytes(memory_cap_gib: float | None, capacity_bytes: float | None) -> float | None:
@@ -660,7 +678,7 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     _check_device_present(config.device)
     _check_gpus_for_ranks(config)
     resolved = devices.resolve_device(config.device)
-    if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision):
+    if config.device == "auto" and config.warmup < minimum_warmup(resolved, config.precision, config.compile):
         _check_warmup(config.replace(device=resolved))  # "auto" is a GPU here: its rule applies
     device_type = resolved.split(":")[0]
     if config.alloc_conf is not None and device_type != "cuda":
@@ -674,7 +692,7 @@ def check_runnable(config: BenchConfig, *, check_memory: bool = True) -> None:
     if config.optimizer == "adafactor" and not adafactor_available():
         raise ConfigError("optimizer", config.optimizer, "adamw, sgd (this torch has no Adafactor; it needs torch >= 2.5)")
     if config.ckpt == "selective" and not selective_checkpoint_available():
-        raise ConfigError("ckpt", config.ckpt, "none, full, every-k (this torch has no selective checkpointing; it needs torch >= 2.4)")
+        raise ConfigError("ckpt", config.ckpt, "none, full, every-k, offload (this torch has no selective checkpointing; it needs torch >= 2.4)")
     if config.memory_cap_gib is not None:
         capacity = devices.device_capacity_bytes(devices.resolve_device(config.device))
         if capacity is not None and config.memory_cap_gib * GIB > capacity:

@@ -1,7 +1,7 @@
 """Every speed-up and memory saving the tool shows, computed one way, against a named baseline.
 
 A run's baseline is a run of the same model (with its dimensions), measured in the same
-environment, at the same effective batch: in fp32 without checkpointing, the fastest such
+environment, at the same effective batch: in fp32 without checkpointing or torch.compile, the fastest such
 micro-batch unless the user picks another run. So one pair of runs has one speed-up on every
 page, a run never gains against a run of another machine, and every table can name the run
 it compares with. Runs of different effective batches are not compared: they train on
@@ -13,7 +13,7 @@ from typing import Iterable
 
 from .results import Result
 
-BASELINE_SETTINGS = {"precision": "fp32", "ckpt": "none"}
+BASELINE_SETTINGS = {"precision": "fp32", "ckpt": "none", "compile": "none"}
 
 
 def comparable(a: Result, b: Result) -> bool:
@@ -28,7 +28,7 @@ def _usable(run: Result) -> bool:
 
 
 def default_baseline(run: Result, candidates: Iterable[Result]) -> Result | None:
-    """The fastest fp32, no-checkpointing run comparable with ``run`` (possibly ``run``)."""
+    """The fastest fp32, no-checkpointing, eager run comparable with ``run`` (possibly ``run``)."""
     pool = [c for c in candidates if _usable(c) and comparable(c, run)
             and all(getattr(c.config, k) == v for k, v in BASELINE_SETTINGS.items())]
     return max(pool, key=lambda c: c.metrics.samples_per_s, default=None)

@@ -3,15 +3,17 @@
 The order of a run is the method:
 
 1. build the model on the device, apply checkpointing, make the batches on the device;
-2. warm-up steps (never measured: kernel selection, allocator growth, optimizer state);
+2. warm-up steps (never measured: kernel selection, allocator growth, optimizer state,
+   torch.compile's compilation, whose wall time is reported apart as ``compile_s``);
 3. the timed steps between ``DeviceCounters.start`` and ``stop`` (peak statistics reset
    first), each timed phase by phase with the device's timer (CUDA events on the target
    device's stream + one synchronisation per step, ``perf_counter`` on CPU); then untimed
    steps until NVML's energy window is long enough (counters.py);
-4. one separate instrumented step for the memory breakdown (``memory.py``);
+4. one separate instrumented step for the memory breakdown (``memory.py``), after, on the
+   CPU under torch.compile, one more for the peak (the breakdown's step runs eager);
 5. one separate step under the FLOP counter (``flops.py``);
-6. the gradients' distance from the fp32/no-checkpointing baseline (``numerics.py``, two
-   first steps on fresh models).
+6. the gradients' distance from the fp32/no-checkpointing/eager baseline (``numerics.py``,
+   two first steps on fresh models).
 
 Steps 4 to 6 come after the timing, so their instrumentation never slows a timed step.
 ``run_benchmark`` raises on failure; the worker turns exceptions into oom/error results.
@@ -55,11 +57,43 @@ def _phase(emit: ProgressFn, name: str, func: Callable, *args):
     return value
 
 
-def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> None:
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter; 0 before any)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _warm_up(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> list[float] | None:
+    """Run the warm-up steps; under torch.compile return the wall seconds of each warm-up
+    step in which dynamo compiled a graph (None for an eager run)."""
+    compiled = config.compile != "none"
+    compiling = []
     for i in range(config.warmup):
+        before, started = compiled_graphs() if compiled else 0, time.perf_counter()
         step.run()
+        if compiled:
+            _synchronize(step.device)  # the step's own time, not the next one's
+            if compiled_graphs() > before:
+                compiling.append(time.perf_counter() - started)
         emit(Progress("warmup", i + 1, config.warmup))
     _synchronize(step.device)
+    return compiling if compiled else None
+
+
+def compile_seconds(compiling_steps_s: list[float], step_s: float) -> float:
+    """Compile time of a run: what the warm-up steps that compiled took beyond a measured step.
+
+    Wall time, not the figures dynamo and inductor keep (``torch._dynamo.utils.
+    compile_times``): those are internal, change between releases and split the work into
+    nested timers (tracing, AOT autograd, inductor's lowering, C++ builds, autotuning, and a
+    backward compiled lazily at the first backward) that are easy to miss or count twice.
+    The wall time of the compiling steps holds all of it, is what a user waits, and, less
+    the median measured step (the step's own work), is what compilation added. Any other
+    first-step cost an eager run also pays (optimizer state created, memory first touched)
+    is in it too; next to compilation it is small.
+    """
+    return sum(max(0.0, seconds - step_s) for seconds in compiling_steps_s)
 
 
 def _time_steps(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> tuple[dict[str, list[float]], list[float] | None]:
@@ -114,10 +148,23 @@ def batch_norm_warning(layers: list[str], accum: int) -> str | None:
             "batch of the effective size")
 
 
+OFFLOAD_ON_HOST_WARNING = (
+    "activation offloading saves no device memory on the {device}: the host memory it keeps the saved activations "
+    "in is the device's own memory")
+COMPILE_BREAKDOWN_WARNING = (
+    "the memory breakdown comes from one uncompiled (eager) instrumented step: torch.compile does not run under "
+    "the memory tracker, and compiled code may keep less (the peak is the compiled steps' own)")
+
+
 def _model_warnings(step: TrainingStep, config: BenchConfig) -> list[str]:
-    """What the model itself makes worth saying: checkpointing that misses most of it, and
-    BatchNorm with accumulation."""
+    """What the model and the run's options make worth saying: checkpointing that misses most
+    of the model, BatchNorm with accumulation, offloading where host memory is device memory,
+    and a compiled run's memory breakdown measured eager."""
     notes = []
+    if config.ckpt == "offload" and step.device.type != "cuda":
+        notes.append(OFFLOAD_ON_HOST_WARNING.format(device=step.device.type.upper()))
+    if config.compile != "none":
+        notes.append(COMPILE_BREAKDOWN_WARNING)
     if step.checkpointed is not None and (warning := step.checkpointed.warning()):
         notes.append(warning)
     if warning := batch_norm_warning(models.batch_norm_layers(step.model), config.accum):
@@ -139,12 +186,16 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
     notes: list[str] = []
     with _on_device(device, config, notes):
         step = _phase(emit, "build", build_step, config)
-        _warm_up(step, config, emit)
+        compiling_steps_s = _warm_up(step, config, emit)
         device_counters = counters.DeviceCounters(device)
         try:
+            graphs_before = compiled_graphs() if compiling_steps_s is not None else None
             device_counters.start()
             samples, scales = _time_steps(step, config, emit)
             device_counters.stop()
+            if graphs_before is not None and compiled_graphs() > graphs_before:
+                notes.append("torch.compile compiled again during the timed steps: their times include "
+                             "compilation (more warm-up steps would keep it out)")
             # Untimed steps to complete the energy window, never past half of what is left
             # of the run's time limit (the breakdown, FLOPs and numerics still need time).
             left = config.timeout_s - (time.perf_counter() - started)
@@ -152,9 +203,16 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
                                            deadline_s=time.perf_counter() + left / 2)
         finally:
             device_counters.close()
+        # Without a caching allocator to ask (CPU, MPS) the peak is the instrumented step's,
+        # and under torch.compile on the CPU one more step's, seen at the allocator. That
+        # step comes first: after the breakdown's tracker the model no longer runs compiled.
+        compiled_cpu_peak = None
+        if device.type == "cpu" and config.compile != "none":
+            compiled_cpu_peak = _phase(emit, "peak", memory.cpu_step_peak_bytes, step)
         breakdown = _phase(emit, "breakdown", memory.memory_breakdown, step)
+        cpu_peak = compiled_cpu_peak if compiled_cpu_peak is not None else breakdown.total
         if device.type == "cpu":
-            counters.check_cpu_cap(config.memory_cap_gib, breakdown.total)
+            counters.check_cpu_cap(config.memory_cap_gib, cpu_peak)
         model_flops, hw_flops = _phase(emit, "flops", flops.count_flops, step)
         tokens = models.tokens_per_sample(step.model)
         tf32 = flops.fp32_uses_tf32(step.model) if config.precision == "fp32" else False
@@ -168,6 +226,9 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
 
     summaries = {key: Summary.from_samples(values) for key, values in samples.items()}
     step_s = summaries["step_ms"].median / 1000.0
+    compile_s = compile_seconds(compiling_steps_s, step_s) if compiling_steps_s is not None else None
+    if compiling_steps_s == []:
+        notes.append("torch.compile compiled no graph during warm-up: this run's steps ran eager")
     samples_per_s = config.effective_batch / step_s if step_s > 0 else None
     skipped = _skipped_steps(scales) if scales is not None else None
     c = device_counters
@@ -176,8 +237,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
         **summaries,
         samples_per_s=samples_per_s,
         tokens_per_s=samples_per_s * tokens if tokens and samples_per_s else None,
-        # Without a caching allocator to ask (CPU, MPS) the peak is the instrumented step's.
-        peak_allocated_bytes=c.peak_allocated_bytes if c.peak_allocated_bytes is not None else breakdown.total,
+        peak_allocated_bytes=c.peak_allocated_bytes if c.peak_allocated_bytes is not None else cpu_peak,
         peak_reserved_bytes=c.peak_reserved_bytes,
         nvml_used_bytes=c.nvml_used_bytes,
         nvml_device_used_bytes=c.nvml_device_used_bytes,
@@ -190,6 +250,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
         energy_j_per_sample=c.energy_j_per_sample,
         grad_rel_diff=grad_rel_diff,
         allocator_retries=c.allocator_retries,
+        compile_s=compile_s,
     )
     warnings = _warnings(summaries, config.steps, skipped, c.allocator_retries) + notes + c.notes
     if config.memory_cap_gib is not None and c.nvml_used_bytes is not None and c.nvml_used_bytes > config.memory_cap_gib * GIB:

@@ -2,7 +2,7 @@
 
 ``grad_rel_diff(config)`` = ‖g − g_ref‖ / ‖g_ref‖ over all parameters, where g is the
 gradient of the first optimizer step of ``config`` and g_ref that of the baseline: the same
-config in fp32 without checkpointing, built from the same seed (so the same initial
+config in fp32 without checkpointing or torch.compile, built from the same seed (so the same initial
 weights and the same synthetic batch). Both come from the one training step
 (``engine/step.py``): an optimizer step pre-hook copies the gradients the optimizer is
 about to apply (after accumulation and, for fp16, after GradScaler's unscale), so nothing
@@ -21,11 +21,12 @@ import math
 from .config import BenchConfig
 from .results import is_oom
 
-BASELINE = {"precision": "fp32", "ckpt": "none"}
+BASELINE = {"precision": "fp32", "ckpt": "none", "compile": "none"}
 
 
 def baseline_config(config: BenchConfig) -> BenchConfig:
-    """The reference of ``config``: fp32, no checkpointing, everything else equal."""
+    """The reference of ``config``: fp32, no checkpointing, eager (not compiled), everything
+    else equal."""
     return config.replace(**BASELINE)
 
 

@@ -526,8 +526,12 @@ def _selective_layer_bytes(shape: DecoderShape, b: int, precision: str) -> int:
     return _block_input_bytes(shape, b) + shape.seq_len * b * per_token
 
 
-def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, facts: _ModelFacts) -> dict:
-    """inputs, activations and backward transient (bytes) of a decoder model, with notes."""
+def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, facts: _ModelFacts, device_type: str) -> dict:
+    """inputs, activations and backward transient (bytes) of a decoder model, with notes.
+
+    Offloaded activations (``ckpt`` offload) are off the device on CUDA, where the host is
+    other memory; on any other device the host copies are in the device's own memory, so
+    they count as kept, exactly as without offloading."""
     s, h, L, V = shape.seq_len, shape.hidden, shape.layers, shape.vocab
     b, c = batch, _COMPUTE_BYTES[config.precision]
     full_layer = layer_activation_bytes(shape, b, config.precision, config.attention)
@@ -562,10 +566,23 @@ def _activation_terms(shape: DecoderShape, batch: int, config: BenchConfig, fact
     ]
     if casts:
         notes.append(f"autocast weight copies: {casts / GIB:.3g} GiB")
+    kept = blocks + head + log_probs + casts
+    if config.ckpt == "offload" and device_type == "cuda":
+        # Everything autograd saves goes to host memory. On the device remain the tensors
+        # of the operation running: one block's in its forward, or its saved tensors copied
+        # back for its backward with the gradient flowing in (and the tied embedding's
+        # gradient), or at the start of backward the log-probabilities copied back next to
+        # their two gradients.
+        notes = [f"offloaded to host memory: {kept / GIB:.3g} GiB of saved activations; on the device one "
+                 "block's (or the loss's) at a time"]
+        return {"inputs": config.accum * 2 * _INDEX * s * b, "activations": 0,
+                "transient": max(3 * log_probs, full_layer + _FP32 * (V * h + s * b * h)), "notes": notes}
+    if config.ckpt == "offload":
+        notes.append(f"offloading on the {device_type}: host memory is the device's own memory (kept)")
     return {
         # Token ids and targets (int64) of every micro-batch.
         "inputs": config.accum * 2 * _INDEX * s * b,
-        "activations": blocks + head + log_probs + casts,
+        "activations": kept,
         "transient": max(loss_backward, recompute),
         "notes": notes,
     }
@@ -614,7 +631,7 @@ def analytic_estimate(config: BenchConfig, batch: int | None = None, device_type
     if shape is None:
         return AnalyticEstimate(params, grads, optimizer, None, None, None, None,
                                 ("no activation formula for this model", *dp_notes), extra)
-    terms = _activation_terms(shape, b, config, facts)
+    terms = _activation_terms(shape, b, config, facts, device_type)
     # set_to_none zero_grad: with one micro-batch no gradient exists when backward starts;
     # with accumulation the earlier micro-batches' gradients do.
     grads_at_backward = grads if config.accum > 1 else 0

@@ -15,6 +15,7 @@ PHASE_WORDS = {
     "build": "building the model",
     "warmup": "warm-up step",
     "measure": "measuring step",
+    "peak": "peak memory of a compiled step",
     "breakdown": "memory breakdown",
     "flops": "counting FLOPs",
     "numerics": "checking gradients against fp32",

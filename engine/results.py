@@ -8,7 +8,8 @@ non-finite or out-of-range numbers, missing keys) with a message that names the 
 line, the field and the value. A dashboard never draws a chart from a half-understood file.
 
 Files written by earlier v1 builds keep reading: metric keys added since (``grad_rel_diff``,
-``allocator_retries``, ``rank_peak_bytes``...) default to null when absent.
+``allocator_retries``, ``nvml_device_used_bytes``, ``rank_peak_bytes``, ``compile_s``...) default to null
+when absent.
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ class Metrics:
     # A data-parallel run: every rank's peak, in rank order (the other memory figures are
     # the rank with the largest peak's); None for one process.
     rank_peak_bytes: list[int] | None = None
+    compile_s: float | None = None  # torch.compile's compile time (warm-up); None for eager runs
 
     def phase(self, key: str) -> Summary | None:
         """The Summary of a phase key (``step_ms``, ``backward_ms``...)."""
@@ -117,7 +119,7 @@ class Metrics:
 
 METRIC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Metrics))
 # Keys added to v1 after its first files were written: absent in those files, read as null.
-_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_bytes", "rank_peak_bytes")
+_LATER_METRIC_KEYS = ("grad_rel_diff", "allocator_retries", "nvml_device_used_bytes", "rank_peak_bytes", "compile_s")
 
 
 @dataclass(frozen=True)

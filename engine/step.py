@@ -197,14 +197,30 @@ def attention_kernel(attention: str):
     return sdpa_kernel(backend)
 
 
+def compile_model(model: nn.Module, mode: str) -> None:
+    """``torch.compile`` ``model`` in place (``nn.Module.compile``: the module, its attributes
+    and its parameters stay what they were); compilation itself happens in the first step.
+
+    Dynamo's caches are emptied first: in a warm worker a previous run's graphs would
+    otherwise be reused (no compile to report) or, past dynamo's recompile limit, the model
+    would silently run eager. Inductor's on-disk cache is kept, as it is for any user: a
+    configuration compiled before on this machine compiles faster.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model.compile(mode=mode)
+
+
 class TrainingStep:
     """One optimizer step of ``config`` on ``device``: the only training code path.
 
-    Builds, once: the checkpointing policy applied to ``model``'s blocks, then ``wrap``
-    (a data-parallel rank's DDP or FSDP wrapper, engine/distributed.py; before the optimizer,
-    which must see FSDP's sharded parameters), the optimizer, the fp16 ``GradScaler`` and
-    ``batches`` (``config.accum`` micro-batches of ``config.batch`` samples, made on the
-    device so no copy is ever timed).
+    Builds, once: the checkpointing policy applied to ``model``'s blocks (or the offloading
+    context each forward runs in), then ``wrap`` (a data-parallel rank's DDP or FSDP wrapper,
+    engine/distributed.py; before the optimizer, which must see FSDP's sharded parameters),
+    ``torch.compile`` when asked (of the wrapped model, as torch recommends for DDP), the
+    optimizer, the fp16 ``GradScaler`` and ``batches`` (``config.accum`` micro-batches of
+    ``config.batch`` samples, made on the device so no copy is ever timed).
     """
 
     def __init__(self, model: nn.Module, make_batch: Callable, config, device: torch.device | str,
@@ -218,6 +234,8 @@ class TrainingStep:
         if wrap is not None:
             self.model = wrap(self.model)
         self.model.train()
+        if config.compile != "none":
+            compile_model(self.model, config.compile)
         self.optimizer = make_optimizer(self.model, config.optimizer, self.device, config.optimizer_impl)
         self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
         # fp16 always with dynamic loss scaling: its gradients underflow without it.
@@ -263,7 +281,7 @@ class TrainingStep:
         with attention_kernel(self.config.attention):
             for i, batch in enumerate(self.batches):
                 with self._gradient_sync(last=i == accum - 1):
-                    with self.autocast():
+                    with self.autocast(), self.policy.forward_context(self.device):
                         # Dividing by accum makes the summed micro-batch gradients equal the
                         # gradient of the mean loss over the effective batch.
                         loss = self.model(*batch) / accum

@@ -117,6 +117,7 @@ def test_other_models_get_exact_parameters_but_no_activation_formula():
         dict(precision="fp32", ckpt="full"),
         dict(precision="bf16", ckpt="every-k", k=2, batch=8),
         dict(precision="fp32", ckpt="selective"),
+        dict(precision="bf16", ckpt="offload"),  # on the CPU the offloaded activations stay on the device
         dict(precision="fp16", ckpt="none", optimizer="sgd"),
     ],
     ids=lambda f: "-".join(str(v) for v in f.values()),

@@ -24,7 +24,7 @@ BUDGET_COLOR = PURPLE
 # The one visual encoding of a run on every chart and page: its precision is its colour, its
 # checkpointing policy the pattern inside the bar (solid when nothing is recomputed).
 PRECISION_COLORS = {"fp32": BLUE, "bf16": ORANGE, "fp16": PURPLE}
-CKPT_PATTERNS = {"none": "", "full": "/", "every-k": "x", "selective": "."}
+CKPT_PATTERNS = {"none": "", "full": "/", "every-k": "x", "selective": ".", "offload": "|"}
 # A limit line this many times above the tallest value would flatten everything else to
 # nothing (a CPU run of a few MiB against the machine's RAM): the axis stops at the data
 # instead and the chart says in words where the line is.

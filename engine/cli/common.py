@@ -207,7 +207,8 @@ def result_line(result: Result) -> str:
         return f"{head}: {result.error}"
     m = result.metrics
     rate = f"{m.samples_per_s:.1f} samples/s" if m.samples_per_s is not None else "-"
-    return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}"
+    compiled = f", compiled in {m.compile_s:.1f} s (not in step time)" if m.compile_s is not None else ""
+    return f"{head}: {_ms(m.step_ms)} ms/step, {rate}, peak {fmt_bytes(m.peak_allocated_bytes)}{compiled}"
 
 
 def _noise(summary) -> str:
@@ -228,10 +229,11 @@ def format_table(results: list[Result]) -> str:
             ", ".join(c.settings_words()) or "-",
             _ms(m.step_ms), _noise(m.step_ms), _ms(m.forward_ms), _ms(m.backward_ms), _ms(m.optimizer_ms),
             "-" if m.samples_per_s is None else f"{m.samples_per_s:.1f}", fmt_bytes(m.peak_allocated_bytes),
+            "-" if m.compile_s is None else f"{m.compile_s:.1f}",
             error if len(error) <= 60 else error[:57] + "...",
         ))
     return table(("id", "status", "model", "batch", "accum", "eff", "precision", "ckpt", "dims", "settings", "step ms",
-                  "spread", "fwd ms", "bwd ms", "opt ms", "samples/s", "peak alloc", "error"), rows)
+                  "spread", "fwd ms", "bwd ms", "opt ms", "samples/s", "peak alloc", "compile s", "error"), rows)
 
 
 def one_line(text: str) -> str:
