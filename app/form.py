@@ -189,14 +189,17 @@ def config_form() -> BenchConfig | None:
     values: dict = {}
     with st.sidebar:
         st.header("Configuration")
+        groups: dict[str, list[ConfigField]] = {}
         for field in CONFIG_FIELDS:
-            values[field.name] = _SPECIAL.get(field.name, _widget)(field, values)
-            if field.name == "accum":
-                batch, accum = values["batch"], values["accum"]
-                st.caption(f"Effective batch: {batch} × {accum} = **{batch * accum}**")
-            if field.name == "nproc" and values["nproc"] > 1:
-                batch, accum, nproc = values["batch"], values["accum"], values["nproc"]
-                st.caption(f"Effective batch: {batch} × {accum} × {nproc} ranks = **{batch * accum * nproc}**")
+            if field.spec.group:
+                groups.setdefault(field.spec.group, []).append(field)
+            else:
+                _draw(field, values)
+        for group, fields in groups.items():
+            changed = any(st.session_state.get(field_key(f.name)) not in (None, "", f.default) for f in fields)
+            with st.expander(group, expanded=changed):
+                for field in fields:
+                    _draw(field, values)
     try:
         config = BenchConfig(**values)
         check_runnable(config)  # the machine's checks: device present, cap fits it, user model imports
@@ -204,6 +207,18 @@ def config_form() -> BenchConfig | None:
         st.error(f"Invalid setting: {ui.plain(exc)}")
         return None
     return config
+
+
+def _draw(field: ConfigField, values: dict) -> None:
+    """A field's widget; its value goes into ``values``, with the effective batch under the
+    fields that make it."""
+    values[field.name] = _SPECIAL.get(field.name, _widget)(field, values)
+    if field.name == "accum":
+        batch, accum = values["batch"], values["accum"]
+        st.caption(f"Effective batch: {batch} × {accum} = **{batch * accum}**")
+    if field.name == "nproc" and values["nproc"] > 1:
+        batch, accum, nproc = values["batch"], values["accum"], values["nproc"]
+        st.caption(f"Effective batch: {batch} × {accum} × {nproc} ranks = **{batch * accum * nproc}**")
 
 
 def from_shared_link(config: BenchConfig) -> bool:

@@ -81,6 +81,9 @@ class FieldSpec:
     # How a value other than the default reads in a configuration's description and a run's
     # label ("{} attention"); empty: the field is not described there.
     words: str = ""
+    # The form section a rarely changed field sits in (a collapsed expander, opened when a
+    # value in it differs from its default); empty: always shown.
+    group: str = ""
 
 
 def setting(default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, **spec) -> Any:
@@ -334,6 +337,11 @@ def _check_int(name: str, value: Any, minimum: float | None, maximum: float | No
         raise ConfigError(name, value, f"an integer {bounds}")
 
 
+# Form sections of the settings most runs leave at their defaults.
+_KERNELS = "Compiler, kernels and allocator"
+_RANKS = "Data parallel (several processes)"
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to benchmark and how. Invalid values raise ``ConfigError`` on construction."""
@@ -357,7 +365,7 @@ class BenchConfig:
     compile: CompileMode = setting("none", label="torch.compile",
                                    help="torch.compile the model (mode); compile time is reported apart (compile_s), "
                                         "never inside step time",
-                                   sweep="none,default", words="compiled ({})")
+                                   sweep="none,default", words="compiled ({})", group=_KERNELS)
     optimizer: Optimizer = setting("adamw", label="Optimizer",
                                    help="optimizer (adafactor: torch.optim.Adafactor, factored second moments)",
                                    sweep="adamw,sgd,adafactor", words="{}")
@@ -367,17 +375,19 @@ class BenchConfig:
                                                  "the optimizer and device support it (adamw and sgd on CUDA), "
                                                  "else foreach",
                                             sweep="fused,foreach,loop", check=_check_optimizer_impl,
-                                            words="{} optimizer step")
+                                            words="{} optimizer step", group=_KERNELS)
     attention: Attention = setting("auto", label="Attention kernel",
                                    help="scaled-dot-product attention backend for forward and backward "
                                         "(torch.nn.attention.sdpa_kernel); auto: torch picks",
-                                   sweep="math,flash", check=_check_attention, words="{} attention")
+                                   sweep="math,flash", check=_check_attention, words="{} attention",
+                                   group=_KERNELS)
     alloc_conf: str | None = setting(None, label="CUDA allocator settings",
                                      help="CUDA caching-allocator settings of the worker process "
                                           "(PYTORCH_CUDA_ALLOC_CONF syntax), e.g. expandable_segments:True; "
                                           "CUDA only",
                                      allowed=_ALLOC_CONF_ALLOWED, check=_check_alloc_conf,
-                                     sweep="expandable_segments:False,expandable_segments:True", words="allocator {}")
+                                     sweep="expandable_segments:False,expandable_segments:True", words="allocator {}",
+                                     group=_KERNELS)
     warmup: int = setting(3, label="Warm-up steps (not measured)", help="warm-up optimizer steps (not measured)",
                           minimum=0, check=_check_warmup)
     steps: int = setting(10, label="Measured steps", help="measured optimizer steps", minimum=1)
@@ -388,15 +398,15 @@ class BenchConfig:
                                minimum_exclusive=True, step=30.0, help="wall-clock limit for the run (seconds)")
     seed: int = setting(0, label="Seed", help="random seed", minimum=0)
     nproc: int = setting(1, label="Processes (ranks)", help="data-parallel ranks, one GPU each on CUDA "
-                         "(each trains on its own micro-batches)", minimum=1, sweep="1,2")
+                         "(each trains on its own micro-batches)", minimum=1, sweep="1,2", group=_RANKS)
     parallel: Parallel = setting("none", label="Data parallel", help="how the ranks share the model: DDP "
                                  "(replicated) or FSDP (sharded, torch.distributed.fsdp.fully_shard)",
                                  sweep="ddp,fsdp", check=_check_parallel,
-                                 choice_words={"ddp": "DDP (replicated)", "fsdp": "FSDP (sharded)"})
+                                 choice_words={"ddp": "DDP (replicated)", "fsdp": "FSDP (sharded)"}, group=_RANKS)
     reshard: bool = setting(True, label="FSDP: reshard after forward",
                             help="FSDP frees the gathered parameters after forward and gathers them again "
                                  "in backward (less memory, more communication)",
-                            sweep="true,false", applies_when=("parallel", ("fsdp",)))
+                            sweep="true,false", applies_when=("parallel", ("fsdp",)), group=_RANKS)
 
     def __post_init__(self) -> None:
         for config_field in CONFIG_FIELDS:

@@ -5,7 +5,7 @@ import pytest
 from app import form, params
 from app.params import parse_query_params, to_query_params
 from engine import devicelock, limits, models, presets
-from engine.config import FIELD_NAMES, SCALAR_FIELDS, BenchConfig
+from engine.config import FIELD_NAMES, FIELDS_BY_NAME, SCALAR_FIELDS, BenchConfig
 from tests.app_fixtures import (TINY_DIMS, app_db, chart_titles, click, finished, open_app, shown,  # noqa: F401
                                 make_result, task, tiny_settings, wait_until)
 
@@ -365,3 +365,18 @@ def test_the_first_minute_says_what_the_tool_answers_and_loads_the_demo_data_rig
     click(at, "Load demo data")
     assert not at.exception and app_db.count() > 0
     assert all(r.origin == "demo" for r in app_db.list())
+
+
+def test_rarely_changed_settings_sit_in_closed_sections_a_link_that_sets_one_opens_it(app_db):
+    sections = {f.spec.group for f in FIELDS_BY_NAME.values() if f.spec.group}
+    assert sections == {"Compiler, kernels and allocator", "Data parallel (several processes)"}
+
+    def opened(at) -> dict[str, bool]:
+        return {e.label: e.proto.expanded for e in at.sidebar.expander if e.label in sections}
+
+    at = open_app()
+    assert opened(at) == dict.fromkeys(sections, False)
+    assert at.selectbox(key="config.attention").value == "auto"  # drawn, only folded away
+    at = open_app(query={"attention": "math"})
+    assert opened(at) == {"Compiler, kernels and allocator": True, "Data parallel (several processes)": False}
+    assert at.selectbox(key="config.attention").value == "math"
