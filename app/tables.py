@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from engine.config import DESCRIBED_FIELDS, GIB, BenchConfig
+from engine.config import DESCRIBED_FIELDS, GIB, BenchConfig, parallel_words
 from engine.results import Result
 
 from .charts.runs import field_value
@@ -20,6 +20,8 @@ _COLUMNS = {
     "ckpt": lambda r: field_value(r, "ckpt"),
     # The described fields (optimizer, attention...), one column each, from their declaration.
     **{f.name.replace("_", " "): (lambda r, name=f.name: getattr(r.config, name)) for f in DESCRIBED_FIELDS},
+    "data parallel": lambda r: (parallel_words(r.config.parallel, r.config.nproc, r.config.reshard)
+                                if r.config.distributed else None),
     "device": lambda r: r.env.label,
     "environment": lambda r: r.environment_words,
     "samples/s": lambda r: r.metrics.samples_per_s,

@@ -1,5 +1,6 @@
 """Table builders: headers in words, a dash for what is unknown, numbers that stay numbers."""
 from app import tables
+from engine.config import BenchConfig
 from tests.app_fixtures import make_result
 
 
@@ -35,3 +36,10 @@ def test_a_queue_matches_results_finished_out_of_order_to_their_configs():
     assert list(frame["batch"]) == [1, 2, 4]
     assert list(frame["state"]) == ["done", "running", "done"]
     assert list(frame["status"])[::2] == ["oom", "ok"]
+
+
+def test_the_runs_table_names_data_parallel_runs_and_shows_compile_time():
+    ddp = make_result(batch=4).replace(config=BenchConfig(batch=4, nproc=2, parallel="fsdp", reshard=False))
+    frame = tables.runs_frame([ddp, make_result(batch=2)])
+    assert frame["data parallel"].iloc[0] == "FSDP × 2 ranks, no reshard" and frame["data parallel"].isna().iloc[1]
+    assert "compile s" in frame.columns and "compile" in frame.columns
