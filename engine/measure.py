@@ -155,16 +155,24 @@ COMPILE_BREAKDOWN_WARNING = (
     "the memory breakdown comes from one uncompiled (eager) instrumented step: torch.compile does not run under "
     "the memory tracker, and compiled code may keep less (the peak is the compiled steps' own)")
 
+# torch.optim.Adafactor calls .item() on every parameter's norm (and its step) each step.
+ADAFACTOR_SYNC_WARNING = (
+    "torch's Adafactor reads values back to the host for every parameter in each step (.item() on norms): on "
+    "CUDA each is a synchronisation, so its optimizer time includes waiting for the GPU and the next step "
+    "cannot be queued ahead")
+
 
 def _model_warnings(step: TrainingStep, config: BenchConfig) -> list[str]:
     """What the model and the run's options make worth saying: checkpointing that misses most
     of the model, BatchNorm with accumulation, offloading where host memory is device memory,
-    and a compiled run's memory breakdown measured eager."""
+    a compiled run's memory breakdown measured eager, and Adafactor's host synchronisations on CUDA."""
     notes = []
     if config.ckpt == "offload" and step.device.type != "cuda":
         notes.append(OFFLOAD_ON_HOST_WARNING.format(device=step.device.type.upper()))
     if config.compile != "none":
         notes.append(COMPILE_BREAKDOWN_WARNING)
+    if config.optimizer == "adafactor" and step.device.type == "cuda":
+        notes.append(ADAFACTOR_SYNC_WARNING)
     if step.checkpointed is not None and (warning := step.checkpointed.warning()):
         notes.append(warning)
     if warning := batch_norm_warning(models.batch_norm_layers(step.model), config.accum):

@@ -386,3 +386,15 @@ def test_the_form_offers_the_new_fields_and_names_a_misplaced_allocator_setting(
     assert any("alloc_conf" in shown(e.value) and "none on cpu" in shown(e.value) for e in at.error)
     at.sidebar.text_input(key="config.alloc_conf").set_value("").run()  # cleared: none again
     assert not [e for e in at.error if "alloc_conf" in shown(e.value)]
+
+
+def test_adafactor_on_cuda_is_said_to_synchronise_every_step():
+    from engine.measure import ADAFACTOR_SYNC_WARNING, _model_warnings
+
+    def step_on(device: str):
+        return types.SimpleNamespace(device=torch.device(device), checkpointed=None, model=torch.nn.Linear(2, 2))
+
+    config = BenchConfig(device="cpu", optimizer="adafactor")
+    assert ADAFACTOR_SYNC_WARNING in _model_warnings(step_on("cuda"), config)
+    assert ADAFACTOR_SYNC_WARNING not in _model_warnings(step_on("cpu"), config)
+    assert ADAFACTOR_SYNC_WARNING not in _model_warnings(step_on("cuda"), config.replace(optimizer="adamw"))
