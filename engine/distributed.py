@@ -172,8 +172,7 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
     import torch.distributed as dist
 
     from . import counters, memory, models
-    from .devices import env_info
-    from .measure import _on_device, _skipped_steps, _time_steps, _warm_up
+    from .measure import _on_device, _skipped_steps, _time_steps, _warm_up, run_environment
 
     device = rank_device(config, local_rank, world_size)
     # The run's own timeout (the worker's) decides that a run hangs; a collective's timeout
@@ -213,7 +212,7 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
             c = device_counters
             return {
                 "rank": rank,
-                "env": env_info(str(device)),
+                "env": run_environment(config, str(device)),
                 "samples": samples,
                 "peak_allocated_bytes": c.peak_allocated_bytes if c.peak_allocated_bytes is not None else breakdown.total,
                 "peak_reserved_bytes": c.peak_reserved_bytes,

@@ -180,6 +180,16 @@ def _model_warnings(step: TrainingStep, config: BenchConfig) -> list[str]:
     return notes
 
 
+def run_environment(config: BenchConfig, device: str) -> dict:
+    """The environment a run of ``config`` on ``device`` records. Allocator settings the config
+    chose (``alloc_conf``) are the config's, not the environment's: runs that differ only in
+    them stay one environment, so decisions compare them; inherited ones stay recorded."""
+    env = env_info(device)
+    if config.alloc_conf is not None:
+        env["alloc_conf"] = None
+    return env
+
+
 def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result:
     """Benchmark ``config`` in this process; return a complete ``ok`` Result.
 
@@ -190,7 +200,7 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
     started = time.perf_counter()
     emit = progress or (lambda event: None)
     device = torch.device(resolve_device(config.device))
-    env = env_info(str(device))
+    env = run_environment(config, str(device))
     notes: list[str] = []
     with _on_device(device, config, notes):
         step = _phase(emit, "build", build_step, config)

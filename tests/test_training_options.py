@@ -398,3 +398,13 @@ def test_adafactor_on_cuda_is_said_to_synchronise_every_step():
     assert ADAFACTOR_SYNC_WARNING in _model_warnings(step_on("cuda"), config)
     assert ADAFACTOR_SYNC_WARNING not in _model_warnings(step_on("cpu"), config)
     assert ADAFACTOR_SYNC_WARNING not in _model_warnings(step_on("cuda"), config.replace(optimizer="adamw"))
+
+
+def test_allocator_settings_the_config_chose_are_not_the_environments(monkeypatch):
+    from engine import measure
+
+    inherited = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    monkeypatch.setattr(measure, "env_info", lambda device: {"device_type": "cuda", "alloc_conf": inherited})
+    chosen = BenchConfig(device="cuda", warmup=1, alloc_conf="expandable_segments:True")
+    assert measure.run_environment(chosen, "cuda")["alloc_conf"] is None  # compared as a setting
+    assert measure.run_environment(chosen.replace(alloc_conf=None), "cuda")["alloc_conf"] == inherited
