@@ -26,6 +26,7 @@ def test_results_page_lists_runs_with_status_and_key_metrics(app_db):
     assert len(table) == 4
     assert {"status", "model", "device", "tokens/s", "peak GiB", "backward ms"} <= set(table.columns)
     assert sorted(table["status"]) == ["ok", "ok", "oom", "oom"]
+    assert f"4 of 4 runs in {app_db.path}" in shown(at.caption[0].value)  # which database, by name
     at.multiselect(key="results.status").set_value(["oom"]).run()
     assert list(at.dataframe[0].value["status"]) == ["oom", "oom"]
 

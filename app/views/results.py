@@ -54,7 +54,8 @@ shown = [r for r in results
          and (not model_names or r.config.model in model_names)
          and (not device_names or r.env.label in device_names)]
 
-st.caption(f"{len(shown)} of {len(results)} runs. Click a column header to sort; select rows to export, compare or delete them.")
+st.caption(f"{len(shown)} of {len(results)} runs in {ui.plain(store.path)}. Click a column header to sort; "
+           "select rows to export, compare or delete them.")
 table = st.dataframe(
     runs_frame(shown),
     hide_index=True,
