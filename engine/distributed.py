@@ -193,7 +193,7 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
             emit(Progress("build", 0, 1))
             step = build_rank_step(config, rank, world_size, device)
             emit(Progress("build", 1, 1))
-            _warm_up(step, config, emit)
+            compiling_steps_s = _warm_up(step, config, emit)
             device_counters = counters.DeviceCounters(device)
             try:
                 device_counters.start()
@@ -225,6 +225,7 @@ def _measure_rank(config: BenchConfig, rank: int, local_rank: int, world_size: i
                 "loss_scale": scales[-1] if scales is not None else None,
                 "skipped_steps": _skipped_steps(scales) if scales is not None else None,
                 "checkpointed": step.checkpointed.to_dict() if step.checkpointed is not None else None,
+                "compiling_steps_s": compiling_steps_s,
                 "notes": notes + c.notes,
             }
     finally:
@@ -395,6 +396,22 @@ def benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result
     return combine(config, reports)
 
 
+def _compile_time(config: BenchConfig, reports: list[dict], samples: dict) -> tuple[float | None, list[str]]:
+    """A compiled data-parallel run's compile time: the slowest rank's (every rank compiles
+    its own graphs, and the run waits for the last), each rank's measured as a single
+    process's is (``measure.compile_seconds``) against the run's median step; with a note
+    when a rank compiled nothing. (None, []) for an eager run."""
+    from .measure import compile_seconds
+
+    if config.compile == "none":
+        return None, []
+    step_s = Summary.from_samples(samples["step_ms"]).median / 1000.0
+    per_rank = [r.get("compiling_steps_s") for r in reports]
+    notes = [f"torch.compile compiled no graph during rank {r['rank']}'s warm-up: its steps ran eager"
+             for r, steps in zip(reports, per_rank) if steps == []]
+    return max(compile_seconds(steps or [], step_s) for steps in per_rank), notes
+
+
 def combine(config: BenchConfig, reports: list[dict]) -> Result:
     """One Result from every rank's report (see the module docstring for the rules)."""
     from .measure import _warnings
@@ -413,6 +430,7 @@ def combine(config: BenchConfig, reports: list[dict]) -> Result:
     if env.get("gpu_uuid"):
         env["gpu_uuid"] = ",".join(r["env"]["gpu_uuid"] for r in reports)
     skipped = top["skipped_steps"]
+    compile_s, compile_notes = _compile_time(config, reports, samples)
     metrics = Metrics(
         effective_batch=config.effective_batch,
         **summaries,
@@ -427,9 +445,10 @@ def combine(config: BenchConfig, reports: list[dict]) -> Result:
         skipped_steps=skipped,
         allocator_retries=top["allocator_retries"],
         rank_peak_bytes=peaks,
+        compile_s=compile_s,
     )
     resident = top["resident"]
-    warnings = _warnings(summaries, config.steps, skipped, top["allocator_retries"]) + list(top["notes"])
+    warnings = _warnings(summaries, config.steps, skipped, top["allocator_retries"]) + list(top["notes"]) + compile_notes
     warnings.append(
         f"{config.nproc} ranks ({config.parallel.upper()}): step times are the slowest rank's per step; memory is "
         f"rank {top['rank']}'s (the largest peak), which keeps {resident['params']:,} bytes of parameters and "

@@ -133,6 +133,20 @@ def test_the_result_is_the_slowest_rank_per_step_the_largest_peak_and_every_rank
     assert again.metrics.rank_peak_bytes == [1000, 3000]
 
 
+def test_a_compiled_run_reports_the_slowest_ranks_compile_time_and_a_rank_that_compiled_nothing():
+    config = ddp(batch=4, steps=3, warmup=2, compile="default")
+    reports = [_report(0, [10.0, 10.0, 10.0], 1000, compiling_steps_s=[5.01, 1.01]),
+               _report(1, [10.0, 10.0, 10.0], 1000, compiling_steps_s=[7.01])]
+    result = distributed.combine(config, reports)
+    assert result.metrics.compile_s == pytest.approx(7.0)  # rank 1's: the run waited for it
+    assert not any("compiled no graph" in w for w in result.warnings)
+    reports[1]["compiling_steps_s"] = []
+    result = distributed.combine(config, reports)
+    assert result.metrics.compile_s == pytest.approx(6.0)
+    assert any("rank 1's warm-up: its steps ran eager" in w for w in result.warnings)
+    assert distributed.combine(config.replace(compile="none"), reports).metrics.compile_s is None
+
+
 def test_a_file_without_rank_peaks_reads_them_as_none_and_a_bad_list_is_refused():
     from tests.factories import make_result
 
