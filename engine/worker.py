@@ -513,6 +513,17 @@ def shared_worker(device: str, ranks: int = 1) -> Worker:
         return _shared[key]
 
 
+def close_shared_workers() -> None:
+    """Stop every shared warm worker politely (a command line that is done with them): each
+    exits normally, so its exit handlers end what it started, such as torch.compile's worker
+    pool (killed instead, the pool's semaphores are reported leaked when the caller exits)."""
+    with _shared_lock:
+        workers = list(_shared.values())
+        _shared.clear()
+    for worker in workers:
+        worker.close()
+
+
 def run(config: BenchConfig, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
         sweep_id: str | None = None) -> Result:
     """``Worker.run`` on the shared warm worker of the config's device; safe from many threads."""

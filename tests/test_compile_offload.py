@@ -269,3 +269,17 @@ def test_a_compile_by_offload_sweep_through_the_cli_gives_four_ok_results(tmp_pa
     assert captured.err.count("s (not in step time)") == 2, captured.err
     header, _, *rows = captured.out.splitlines()
     assert "compile s" in header and len(rows) == 4
+
+
+def test_the_command_line_ends_a_compiled_runs_worker_without_leaking_its_compiler_pool(tmp_path):
+    """`python -m engine` stops its workers politely, so inductor's worker pool ends with
+    them instead of leaving semaphores for the resource tracker to report."""
+    import subprocess
+    import sys
+
+    dims = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--model", "gpt-tiny", *dims, "--batch", "2",
+                           "--warmup", "2", "--steps", "1", "--device", "cpu", "--compile", "default",
+                           "--out", str(tmp_path / "run.jsonl")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "s (not in step time)" in done.stderr and "leaked" not in done.stderr, done.stderr
