@@ -396,25 +396,9 @@ def benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Result
     return combine(config, reports)
 
 
-def _compile_time(config: BenchConfig, reports: list[dict], samples: dict) -> tuple[float | None, list[str]]:
-    """A compiled data-parallel run's compile time: the slowest rank's (every rank compiles
-    its own graphs, and the run waits for the last), each rank's measured as a single
-    process's is (``measure.compile_seconds``) against the run's median step; with a note
-    when a rank compiled nothing. (None, []) for an eager run."""
-    from .measure import compile_seconds
-
-    if config.compile == "none":
-        return None, []
-    step_s = Summary.from_samples(samples["step_ms"]).median / 1000.0
-    per_rank = [r.get("compiling_steps_s") for r in reports]
-    notes = [f"torch.compile compiled no graph during rank {r['rank']}'s warm-up: its steps ran eager"
-             for r, steps in zip(reports, per_rank) if steps == []]
-    return max(compile_seconds(steps or [], step_s) for steps in per_rank), notes
-
-
 def combine(config: BenchConfig, reports: list[dict]) -> Result:
     """One Result from every rank's report (see the module docstring for the rules)."""
-    from .measure import _warnings
+    from .measure import _warnings, compile_time
     from .results import Checkpointed
 
     keys = list(reports[0]["samples"])
@@ -430,7 +414,8 @@ def combine(config: BenchConfig, reports: list[dict]) -> Result:
     if env.get("gpu_uuid"):
         env["gpu_uuid"] = ",".join(r["env"]["gpu_uuid"] for r in reports)
     skipped = top["skipped_steps"]
-    compile_s, compile_notes = _compile_time(config, reports, samples)
+    compile_s, compile_notes = (None, []) if config.compile == "none" else compile_time(
+        {f"rank {r['rank']}'s ": r.get("compiling_steps_s") for r in reports}, step_s)
     metrics = Metrics(
         effective_batch=config.effective_batch,
         **summaries,

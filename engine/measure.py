@@ -96,6 +96,18 @@ def compile_seconds(compiling_steps_s: list[float], step_s: float) -> float:
     return sum(max(0.0, seconds - step_s) for seconds in compiling_steps_s)
 
 
+def compile_time(compiling: dict[str, list[float] | None], step_s: float) -> tuple[float | None, list[str]]:
+    """A run's compile time and notes, from each of its processes' compiling warm-up steps
+    (``_warm_up``), keyed by how a note names the process ("" for a run's one process,
+    "rank 1's " for a data-parallel run's): the slowest process's (the run waits for the
+    last), with a note for a process that compiled nothing. (None, []) for an eager run."""
+    if any(steps is None for steps in compiling.values()):
+        return None, []
+    notes = [f"torch.compile compiled no graph during {whose}warm-up: its steps ran eager"
+             for whose, steps in compiling.items() if steps == []]
+    return max(compile_seconds(steps, step_s) for steps in compiling.values()), notes
+
+
 def _time_steps(step: TrainingStep, config: BenchConfig, emit: ProgressFn) -> tuple[dict[str, list[float]], list[float] | None]:
     """Per-phase milliseconds of ``config.steps`` timed steps, and GradScaler's scale before
     and after each (fp16), read between steps after the timer's synchronisation."""
@@ -244,9 +256,8 @@ def run_benchmark(config: BenchConfig, progress: ProgressFn | None = None) -> Re
 
     summaries = {key: Summary.from_samples(values) for key, values in samples.items()}
     step_s = summaries["step_ms"].median / 1000.0
-    compile_s = compile_seconds(compiling_steps_s, step_s) if compiling_steps_s is not None else None
-    if compiling_steps_s == []:
-        notes.append("torch.compile compiled no graph during warm-up: this run's steps ran eager")
+    compile_s, compile_notes = compile_time({"": compiling_steps_s}, step_s)
+    notes += compile_notes
     samples_per_s = config.effective_batch / step_s if step_s > 0 else None
     skipped = _skipped_steps(scales) if scales is not None else None
     c = device_counters

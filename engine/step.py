@@ -308,7 +308,7 @@ def build_step(config) -> TrainingStep:
     (``engine.distributed.build_rank_step``), so a tool that would measure one process of it
     (the memory timeline, the pitfall demo) refuses it rather than show misleading figures.
     """
-    if getattr(config, "distributed", False):
+    if config.distributed:
         from .config import ConfigError
 
         raise ConfigError("parallel", config.parallel, "none here: this measures one process (data-parallel "
